@@ -1,0 +1,62 @@
+"""Backward of ``fa_dynamo::attention``: the reference math re-run tile by tile under autograd.
+
+Softmax rows are independent, so recomputing ``block_q`` query rows at a time and letting
+autograd differentiate the reference gives exactly eager's gradients (NaN where eager has NaN)
+with memory O(block_q × Sk) instead of O(Sq × Sk).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.reference import reference_attention, rows_of
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    *,
+    scale: float,
+    softcap: float,
+    fill: float,
+    band: Band,
+    block_q: int,
+    needs_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(dq, dk, dv, dbias)``; ``dbias`` has ``bias``'s shape, or is None when not needed."""
+    num_q = q.shape[2]
+    dq = torch.empty_like(q)
+    dk = torch.zeros_like(k, dtype=torch.float32 if k.dtype != torch.float64 else k.dtype)
+    dv = torch.zeros_like(v, dtype=dk.dtype)
+    dbias = torch.zeros_like(bias, dtype=dk.dtype) if needs_bias_grad else None
+    k_leaf, v_leaf = k.detach().requires_grad_(), v.detach().requires_grad_()
+    for q0 in range(0, num_q, block_q):
+        q1 = min(q0 + block_q, num_q)
+        idx = torch.arange(q0, q1, device=q.device)
+        q_t = q[:, :, q0:q1].detach().requires_grad_()
+        bias_t = rows_of(bias, idx)
+        if needs_bias_grad:
+            bias_t = bias_t.detach().requires_grad_()
+        with torch.enable_grad():
+            out_t, _ = reference_attention(
+                q_t, k_leaf, v_leaf, bias_t, rows_of(mask, idx),
+                scale=scale, softcap=softcap, fill=fill, band=band, q_idx=idx,
+            )
+            inputs = (q_t, k_leaf, v_leaf) + ((bias_t,) if needs_bias_grad else ())
+            grads = torch.autograd.grad(out_t, inputs, grad_out[:, :, q0 : q1])
+        dq[:, :, q0 : q1] = grads[0]
+        dk += grads[1]
+        dv += grads[2]
+        if needs_bias_grad:
+            if bias.shape[-2] == 1:
+                dbias += grads[3]
+            else:
+                dbias[..., q0 : q1, :] = grads[3]
+    return dq, dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype)

@@ -1,0 +1,204 @@
+"""The CPU kernel: tiled online softmax with a tiling-mask.
+
+Two-level tiling. The outer tile is a block of ``block_q`` query rows; for it the band gives the
+range of keys any row can see, cut into inner tiles of ``block_k`` keys, each classified as
+empty (skipped, never touched), full (no mask at all) or partial (a ``block_q × block_k`` mask
+built from indices). Consecutive full tiles run as one segment; each segment is handed to the
+fastest dense primitive, ATen's CPU flash kernel, which returns its log-sum-exp, and the
+segments of an outer tile are merged exactly through their log-sum-exps (online softmax at
+segment granularity). GQA maps query head ``h`` to key/value head ``h // G`` inside ATen's
+kernel, without copies. Softcapping, which ATen cannot apply, uses GEMM tiles instead.
+
+Rows the fast path cannot serve exactly — rows that see no key at all (eager gives NaN for
+``-inf`` fills, a uniform average for finite fills) and rows where a finite fill value is not
+negligible — are detected from the log-sum-exp and recomputed by the reference, row by row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fa_dynamo.kernels.mask import Band, TileKind
+from fa_dynamo.kernels.reference import masked_scores, reference_attention, rows_of
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+# exp(x) is exactly 0 in float32 below this: a masked score this far under the row's
+# log-sum-exp contributes nothing, whether it was filled with -inf or with a finite value.
+_NEGLIGIBLE_LOG = -110.0
+
+
+def _slice_keys(t: Optional[torch.Tensor], k0: int, k1: int) -> Optional[torch.Tensor]:
+    if t is None or t.shape[-1] == 1:
+        return t
+    return t[..., k0:k1]
+
+
+def _slice_rows(t: Optional[torch.Tensor], q0: int, q1: int) -> Optional[torch.Tensor]:
+    if t is None or t.shape[-2] == 1:
+        return t
+    return t[..., q0:q1, :]
+
+
+def _merge(
+    acc: Optional[torch.Tensor], lse: Optional[torch.Tensor], out: torch.Tensor, seg_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial softmax results (``out`` normalized, float32) by their lse."""
+    if acc is None:
+        return out, seg_lse
+    new_lse = torch.logaddexp(lse, seg_lse)
+    safe = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
+    w_old = torch.exp(lse - safe).unsqueeze(-1)
+    w_new = torch.exp(seg_lse - safe).unsqueeze(-1)
+    return acc * w_old + out * w_new, new_lse
+
+
+class _Problem:
+    """One call's inputs and the segment primitives over them."""
+
+    def __init__(self, q, k, v, bias, mask, scale, softcap, band):
+        self.q, self.k, self.v = q, k, v
+        self.bias, self.mask = bias, mask
+        self.scale, self.softcap, self.band = scale, softcap, band
+
+    def additive_tile(self, q0: int, q1: int, k0: int, k1: int, with_band: bool) -> Optional[torch.Tensor]:
+        """The float mask of the tile (dense bias + dense mask + band), or None if none applies."""
+        tile = None
+        if self.bias is not None:
+            tile = _slice_keys(_slice_rows(self.bias, q0, q1), k0, k1).to(self.q.dtype)
+        hidden = _slice_keys(_slice_rows(self.mask, q0, q1), k0, k1)
+        if with_band:
+            band_hidden = self.band.hidden(torch.arange(q0, q1), torch.arange(k0, k1))
+            hidden = band_hidden if hidden is None else hidden | band_hidden
+        if hidden is not None:
+            hidden_add = torch.zeros(hidden.shape, dtype=self.q.dtype).masked_fill_(hidden, float("-inf"))
+            tile = hidden_add if tile is None else tile + hidden_add
+        return tile
+
+    def segment(self, q0: int, q1: int, k0: int, k1: int, with_band: bool):
+        """Attention of rows ``[q0, q1)`` over keys ``[k0, k1)``: ``(out float32, lse)``.
+
+        Rows with no visible key in the segment get ``lse = -inf`` and contribute nothing.
+        """
+        q_t = self.q[:, :, q0:q1]
+        k_s, v_s = self.k[:, :, k0:k1], self.v[:, :, k0:k1]
+        if self.softcap > 0:
+            return self._gemm_segment(q_t, k_s, v_s, q0, q1, k0, k1, with_band)
+        tile = self.additive_tile(q0, q1, k0, k1, with_band)
+        out, lse = _flash_cpu(q_t, k_s, v_s, 0.0, False, attn_mask=tile, scale=self.scale)
+        if tile is not None:
+            dead = torch.isneginf(tile).all(-1).expand(lse.shape)
+            lse = lse.masked_fill(dead, float("-inf"))
+        return out.float(), lse
+
+    def _gemm_segment(self, q_t, k_s, v_s, q0, q1, k0, k1, with_band):
+        s = masked_scores(
+            q_t, k_s, torch.arange(q0, q1), k0,
+            scale=self.scale, softcap=self.softcap,
+            bias=_slice_keys(_slice_rows(self.bias, q0, q1), k0, k1),
+            mask=_slice_keys(_slice_rows(self.mask, q0, q1), k0, k1),
+            fill=float("-inf"), band=self.band if with_band else Band(),
+        )
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+        out = torch.matmul(p, v_s.to(s.dtype).unsqueeze(2))
+        return out.flatten(1, 2).float(), lse.flatten(1, 2).float()
+
+
+def _segments(band: Band, q0: int, q1: int, num_keys: int, block_k: int):
+    """``(k0, k1, partial)`` runs covering the visible keys of rows ``[q0, q1)``."""
+    k_lo, k_hi = band.key_range(q0, q1, num_keys)
+    runs: list[list] = []
+    for t0 in range(k_lo, k_hi, block_k):
+        t1 = min(t0 + block_k, k_hi)
+        kind = band.classify(q0, q1, t0, t1)
+        if kind is TileKind.EMPTY:
+            continue
+        partial = kind is TileKind.PARTIAL
+        if runs and not partial and not runs[-1][2] and runs[-1][1] == t0:
+            runs[-1][1] = t1
+        else:
+            runs.append([t0, t1, partial])
+    return runs
+
+
+def attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    *,
+    scale: float,
+    softcap: float,
+    fill: float,
+    band: Band,
+    block_q: int,
+    block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``reference_attention``; memory O(block_q × block_k) beyond the inputs."""
+    batch, heads, num_q, _ = q.shape
+    num_k = k.shape[2]
+    if num_q == 0 or num_k == 0:
+        return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+
+    # Whole-call fast path: the semantics of ATen's kernel are exactly ours and no row is empty.
+    if bias is None and mask is None and softcap == 0 and band.min_offset is None and band.max_offset in (None, 0):
+        out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, scale=scale)
+        return out, lse
+
+    problem = _Problem(q, k, v, bias, mask, scale, softcap, band)
+    out = q.new_empty(batch, heads, num_q, v.shape[-1])
+    lse = torch.empty(batch, heads, num_q, dtype=torch.float32)
+    for q0 in range(0, num_q, block_q):
+        q1 = min(q0 + block_q, num_q)
+        acc, acc_lse = None, None
+        for k0, k1, partial in _segments(band, q0, q1, num_k, block_k):
+            acc, acc_lse = _merge(acc, acc_lse, *problem.segment(q0, q1, k0, k1, partial))
+        if acc is None:
+            lse[:, :, q0:q1] = float("-inf")
+            continue
+        out[:, :, q0:q1] = acc
+        lse[:, :, q0:q1] = acc_lse
+
+    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
+    return out, lse
+
+
+def _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q) -> None:
+    """Overwrite, with the reference, rows whose masked scores are not negligible (in place)."""
+    unserved = torch.isneginf(lse)
+    if math.isfinite(fill) and (mask is not None or not band.is_unbounded):
+        unserved |= fill > lse + (_NEGLIGIBLE_LOG - math.log(k.shape[2]))
+    rows = unserved.any(dim=0).any(dim=0).nonzero().flatten()
+    for start in range(0, rows.numel(), block_q):
+        idx = rows[start : start + block_q]
+        r_out, r_lse = reference_attention(
+            q.index_select(2, idx), k, v, rows_of(bias, idx), rows_of(mask, idx),
+            scale=scale, softcap=softcap, fill=fill, band=band, q_idx=idx,
+        )
+        out.index_copy_(2, idx, r_out)
+        lse.index_copy_(2, idx, r_lse)
+
+
+def attention_sdpa(q, k, v, bias, mask, *, scale, softcap, fill, band, block_q, block_k):
+    """The peer strategy: one ATen flash call with the whole Sq×Sk mask materialized.
+
+    Kept as a selectable kernel (``FA_DYNAMO_KERNEL=sdpa``) to measure what tiling buys; it
+    serves the same semantics (softcap goes through the tiled kernel, which ATen cannot do).
+    """
+    num_q, num_k = q.shape[2], k.shape[2]
+    if softcap > 0 or num_q == 0 or num_k == 0:
+        return attention_cpu(
+            q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k
+        )
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    problem = _Problem(q, k, v, bias, mask, scale, softcap, band)
+    out, lse = problem.segment(0, num_q, 0, num_k, with_band=not band.is_unbounded)
+    out = out.to(q.dtype)
+    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
+    return out, lse

@@ -1,0 +1,193 @@
+"""``fa_dynamo::attention``: the custom op the attention pass rewrites to.
+
+Layers, top to bottom: the public ``attention`` function (documented shapes, input checks),
+the ``torch.library`` custom op with its fake implementation right below it, its autograd,
+and ``_run_kernel``, the one place that dispatches by kernel choice and device.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from fa_dynamo.config import KERNELS
+from fa_dynamo.kernels.backward import attention_backward
+from fa_dynamo.kernels.cpu import attention_cpu, attention_sdpa
+from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.reference import reference_attention
+
+log = logging.getLogger("fa_dynamo")
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    fill: float = float("-inf"),
+    min_offset: Optional[int] = None,
+    max_offset: Optional[int] = None,
+    kernel: str = "auto",
+    block_q: int = 256,
+    block_k: int = 512,
+) -> torch.Tensor:
+    """Attention as eager PyTorch computes it, without the Sq×Sk intermediates.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` queries.
+        k: ``[B, Hkv, Sk, D]`` keys; ``Hq`` must be a multiple of ``Hkv`` (GQA: query head
+            ``h`` reads key/value head ``h // (Hq // Hkv)``, as ``repeat_kv`` would).
+        v: ``[B, Hkv, Sk, Dv]`` values.
+        bias: additive float scores, broadcastable to ``[B, Hq, Sq, Sk]`` (masks with ``-inf``
+            or ``finfo.min``, ALiBi, relative position bias).
+        mask: bool, broadcastable to ``[B, Hq, Sq, Sk]``; True replaces the score by ``fill``.
+        scale: multiplies ``q·kᵀ``; default ``D ** -0.5``.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` before the bias.
+        fill: the value masked scores are replaced with (``-inf`` or e.g. ``finfo.min``).
+        min_offset, max_offset: the band mask: key ``j`` is visible to query ``i`` iff
+            ``min_offset <= j - i <= max_offset``; None leaves that side open.
+        kernel: one of ``auto, cpu, triton, npu, sdpa, reference``.
+        block_q, block_k: outer (query) and inner (key) tile sizes.
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in ``q``'s dtype. A row whose scores are all ``-inf`` is NaN, as in
+        eager PyTorch.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bias = None if bias is None else _as_4d(bias, "bias")
+    mask = None if mask is None else _as_4d(mask, "mask")
+    out, _ = torch.ops.fa_dynamo.attention(
+        q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k
+    )
+    return out
+
+
+def _as_4d(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dim() > 4:
+        raise ValueError(f"{name} must have at most 4 dims (broadcastable to [B, H, Sq, Sk]), got {tuple(t.shape)}")
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
+def check_inputs(q, k, v, bias, mask, kernel: str, block_q: int, block_k: int) -> None:
+    """Raise a ValueError describing the first problem with the op's inputs."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and sequence length")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    for name, t in (("bias", bias), ("mask", mask)):
+        if t is None:
+            continue
+        if t.dim() != 4 or any(s not in (1, f) for s, f in zip(t.shape, full)):
+            raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to [B, Hq, Sq, Sk] = {list(full)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if bias is not None and not bias.dtype.is_floating_point:
+        raise ValueError(f"bias must be floating point, got {bias.dtype}; pass boolean masks as mask=")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"mask must be torch.bool (True = masked), got {mask.dtype}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r} is not valid; expected one of {', '.join(KERNELS)}")
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block_q and block_k must be >= 1, got {block_q}, {block_k}")
+
+
+@torch.library.custom_op("fa_dynamo::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    scale: float,
+    softcap: float,
+    fill: float,
+    min_offset: Optional[int],
+    max_offset: Optional[int],
+    kernel: str,
+    block_q: int,
+    block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k)
+    return _run_kernel(
+        kernel, q, k, v, bias, mask,
+        scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset),
+        block_q=block_q, block_k=block_k,
+    )
+
+
+@_attention_op.register_fake
+def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k):
+    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k)
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
+    return out, lse
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k = inputs
+    ctx.save_for_backward(q, k, v, bias, mask)
+    ctx.params = dict(scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset), block_q=block_q)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, bias, mask = ctx.saved_tensors
+    dq, dk, dv, dbias = attention_backward(
+        grad_out, q, k, v, bias, mask, needs_bias_grad=bias is not None and ctx.needs_input_grad[3], **ctx.params
+    )
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    log.warning(message)
+
+
+def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch by kernel choice and device; a kernel that cannot serve the call says so once."""
+    on_cpu = q.device.type == "cpu"
+    if kernel in ("triton", "npu"):
+        reason = f"the {kernel} kernel is not available in this version of fa_dynamo"
+        if kernel == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            reason = "the triton kernel runs on CPU tensors only under TRITON_INTERPRET=1"
+        _say_once(f"fa_dynamo: {reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
+        kernel = "auto"
+    if kernel == "auto":
+        if not on_cpu:
+            _say_once(f"fa_dynamo: no tiled kernel for {q.device.type} tensors yet; using the reference kernel")
+        kernel = "cpu" if on_cpu else "reference"
+    if kernel in ("cpu", "sdpa") and not on_cpu:
+        _say_once(f"fa_dynamo: the {kernel} kernel serves CPU tensors only; using the reference kernel on {q.device.type}")
+        kernel = "reference"
+    if kernel == "reference":
+        return reference_attention(q, k, v, bias, mask, **{n: kw[n] for n in ("scale", "softcap", "fill", "band")})
+    if kernel == "sdpa":
+        return attention_sdpa(q, k, v, bias, mask, **kw)
+    return attention_cpu(q, k, v, bias, mask, **kw)

@@ -1,0 +1,32 @@
+"""Dynamo graph (torch IR) → pre-dispatch ATen graph, where the passes match.
+
+``make_fx(..., pre_dispatch=True)`` traces above autograd, as ``torch.export`` does: matmul,
+softmax, dropout and casts stay whole ops (nothing is decomposed into its backward-ready
+pieces yet), while the many Python spellings of each (``@``, ``torch.matmul``,
+``Tensor.matmul``; ``F.softmax``, ``Tensor.softmax``...) collapse to one ATen op. Tracing
+reuses Dynamo's fake tensors and shape environment, so symbolic sizes stay symbolic and
+guards added here reach Dynamo.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+
+def placeholder_values(gm: fx.GraphModule) -> list:
+    """Dynamo's fake example values for the graph inputs, in order."""
+    values = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if value is None:
+            raise RuntimeError(f"graph input {node.name} carries no example value")
+        values.append(value)
+    return values
+
+
+def to_pre_dispatch_aten(gm: fx.GraphModule) -> fx.GraphModule:
+    """Retrace ``gm`` into pre-dispatch ATen with the same inputs and outputs."""
+    with torch._dynamo.utils.preserve_rng_state():
+        return make_fx(gm, pre_dispatch=True, tracing_mode="symbolic")(*placeholder_values(gm))

@@ -1,0 +1,48 @@
+"""Runs the passes in order, each switchable, with the failure policy of DESIGN.md.
+
+A pass that raises leaves the graph exactly as it was before that pass and logs a warning;
+in strict mode the error propagates instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch.fx as fx
+
+from fa_dynamo.config import FastAttentionConfig
+from fa_dynamo.passes.attention import AttentionPass
+from fa_dynamo.passes.base import GraphPass, PassReport
+
+log = logging.getLogger("fa_dynamo")
+
+PASSES: list[GraphPass] = [AttentionPass()]
+"""The pass order. New passes (allreduce, offload) are appended here as they ship."""
+
+
+def run_passes(gm: fx.GraphModule, config: FastAttentionConfig) -> list[PassReport]:
+    reports = []
+    for graph_pass in PASSES:
+        if not graph_pass.enabled(config):
+            log.debug("%s: disabled by configuration", graph_pass.name)
+            continue
+        report = PassReport(graph_pass.name)
+        snapshot = copy.deepcopy(gm.graph)
+        try:
+            graph_pass.run(gm, config, report)
+            gm.graph.lint()
+            gm.recompile()
+        except Exception as e:
+            if config.strict:
+                raise
+            gm.graph = snapshot
+            gm.recompile()
+            report.error = f"{type(e).__name__}: {e}"
+            report.fused.clear()
+            log.warning("fa_dynamo: %s", report.summary())
+        else:
+            level = logging.INFO if report.fused or report.refused else logging.DEBUG
+            log.log(level, "fa_dynamo: %s", report.summary() if (report.fused or report.refused) else f"{graph_pass.name}: no candidate sites")
+        reports.append(report)
+    return reports

@@ -1,0 +1,389 @@
+"""Mask lifting: recover the structure of a mask built inside the graph.
+
+A mask computed from ``arange``/``full``/``ones``, comparisons, ``triu``/``tril`` and boolean
+algebra is a function of the query index ``i`` (dim -2) and the key index ``j`` (dim -1) alone.
+This module interprets such a subgraph abstractly and, when the visible keys form a band
+``lo <= j - i <= hi``, returns that band; the Sq×Sk tensor then never needs to exist.
+
+Abstract values:
+
+* ``Affine``: an integer index tensor ``sum(coef[p] * index_along_dim(p)) + const``, with
+  dims ``p`` counted from the end (-1 is the key axis, -2 the query axis once the mask lines
+  up with the scores).
+* ``Select``: a tensor equal to ``inside`` where ``lo <= j - i <= hi`` (or, if ``outside_set``,
+  where it is not) and ``outside`` elsewhere. Comparisons give ``Select(.., True, False)``;
+  ``triu(full(v))`` gives ``Select(j - i >= d, v, 0)``.
+
+Offsets may be symbolic (``Offset`` keeps SymInt nodes), so a causal mask with a dynamic
+past length still lifts. Anything else makes ``lift`` return None: the caller passes the mask
+on as a dense tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx as fx
+
+from fa_dynamo.passes.matching import aten, is_op, normalize_dim, python_scalar, shape, val
+
+
+@dataclass(frozen=True)
+class Offset:
+    """An integer ``const + sum(coef * symint_node)``."""
+
+    const: int = 0
+    syms: tuple = ()  # ((node, coef), ...)
+
+    @staticmethod
+    def of(arg: Any) -> Optional["Offset"]:
+        if isinstance(arg, bool):
+            return None
+        if isinstance(arg, int):
+            return Offset(arg)
+        if isinstance(arg, fx.Node) and isinstance(val(arg), torch.SymInt):
+            return Offset(0, ((arg, 1),))
+        return None
+
+    def __add__(self, other: "Offset") -> "Offset":
+        coefs: dict = dict(self.syms)
+        for n, c in other.syms:
+            coefs[n] = coefs.get(n, 0) + c
+        return Offset(self.const + other.const, tuple((n, c) for n, c in coefs.items() if c))
+
+    def __neg__(self) -> "Offset":
+        return Offset(-self.const, tuple((n, -c) for n, c in self.syms))
+
+    def __sub__(self, other: "Offset") -> "Offset":
+        return self + (-other)
+
+    def scaled(self, k: int) -> "Offset":
+        return Offset(self.const * k, tuple((n, c * k) for n, c in self.syms))
+
+    @property
+    def is_static(self) -> bool:
+        return not self.syms
+
+    def emit(self, graph: fx.Graph) -> Union[int, fx.Node]:
+        """The offset as a graph value (an int, or SymInt arithmetic nodes before the cursor)."""
+        import operator
+
+        result: Union[int, fx.Node] = self.const
+        for n, c in self.syms:
+            term = n if c == 1 else graph.call_function(operator.mul, (n, c))
+            result = term if result == 0 and not isinstance(result, fx.Node) else graph.call_function(operator.add, (result, term))
+        return result
+
+
+@dataclass(frozen=True)
+class Affine:
+    terms: tuple  # ((pos_from_end, coef), ...)
+    const: Offset
+    rank: int
+
+
+@dataclass(frozen=True)
+class Interval:
+    """``lo <= j - i <= hi`` (None = unbounded), or its complement if ``complement``."""
+
+    lo: Optional[Offset] = None
+    hi: Optional[Offset] = None
+    complement: bool = False
+
+    def invert(self) -> "Interval":
+        """The complement; a half-line's complement is the other half-line, not a flag."""
+        if self.complement:
+            return replace(self, complement=False)
+        if self.lo is not None and self.hi is None:
+            return Interval(hi=self.lo - Offset(1))
+        if self.hi is not None and self.lo is None:
+            return Interval(lo=self.hi + Offset(1))
+        return replace(self, complement=True)
+
+    def shifted(self, delta: Offset) -> "Interval":
+        return Interval(
+            None if self.lo is None else self.lo + delta, None if self.hi is None else self.hi + delta, self.complement
+        )
+
+
+def _tighter(a: Optional[Offset], b: Optional[Offset], pick) -> Optional[Offset]:
+    if a is None or b is None:
+        return a if b is None else b
+    if a == b:
+        return a
+    if a.is_static and b.is_static:
+        return Offset(pick(a.const, b.const))
+    raise _NotLiftable("two symbolic bounds on one side of the band")
+
+
+def _intersect(a: Interval, b: Interval) -> Interval:
+    if a.complement or b.complement:
+        raise _NotLiftable("intersection with the complement of a band")
+    return Interval(_tighter(a.lo, b.lo, max), _tighter(a.hi, b.hi, min))
+
+
+@dataclass(frozen=True)
+class Select:
+    where: Interval
+    inside: Any
+    outside: Any
+    rank: int = 2
+
+
+class _NotLiftable(Exception):
+    pass
+
+
+@dataclass
+class LiftedMask:
+    """The visible keys of a lifted mask: ``min_offset <= j - i <= max_offset``."""
+
+    min_offset: Optional[Offset]
+    max_offset: Optional[Offset]
+
+
+@dataclass
+class _Interpreter:
+    memo: dict = field(default_factory=dict)
+
+    def value(self, arg: Any) -> Any:
+        if not isinstance(arg, fx.Node):
+            if isinstance(arg, (bool, int, float)):
+                return arg
+            raise _NotLiftable(f"argument {arg!r}")
+        if arg not in self.memo:
+            self.memo[arg] = self._eval(arg)
+        return self.memo[arg]
+
+    def _eval(self, n: fx.Node) -> Any:
+        if isinstance(val(n), torch.SymInt):
+            return Offset.of(n)
+        if is_op(n, aten.arange):
+            return self._arange(n)
+        if is_op(n, aten.full, aten.ones, aten.zeros, aten.scalar_tensor):
+            fill = {aten.ones: 1, aten.zeros: 0}.get(n.target.overloadpacket)
+            if fill is None:
+                fill = n.args[0] if is_op(n, aten.scalar_tensor) else n.args[1]
+            if n.kwargs.get("dtype") == torch.bool:
+                fill = bool(fill)
+            return Select(Interval(), fill, fill, len(shape(n)))
+        if is_op(n, aten.triu, aten.tril):
+            return self._triangle(n)
+        if is_op(n, aten.unsqueeze):
+            return self._unsqueeze(self.value(n.args[0]), n.args[1])
+        if is_op(n, aten.expand, aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.contiguous):
+            return self._reshape(n)
+        if is_op(n, aten.to, aten._to_copy, aten.type_as):
+            return self._cast(self.value(n.args[0]), val(n).dtype)
+        if is_op(n, aten.slice):
+            return self._slice(n)
+        if is_op(n, aten.add, aten.sub):
+            return self._add(n)
+        if is_op(n, aten.le, aten.lt, aten.ge, aten.gt, aten.eq, aten.ne):
+            return self._compare(n)
+        if is_op(n, aten.bitwise_not, aten.logical_not):
+            return self._not(self.value(n.args[0]))
+        if is_op(n, aten.bitwise_and, aten.logical_and, aten.bitwise_or, aten.logical_or):
+            return self._logic(n)
+        if is_op(n, aten.where):
+            return self._where(n)
+        if is_op(n, aten.masked_fill):
+            return self._masked_fill(n)
+        raise _NotLiftable(f"{n.target} is not understood by the mask lifter")
+
+    # --- index arithmetic -------------------------------------------------------------------
+    def _arange(self, n: fx.Node) -> Affine:
+        args = list(n.args)
+        if n.target == aten.arange.default:
+            start, step = 0, 1
+        else:
+            start, step = args[0], args[2] if len(args) > 2 else n.kwargs.get("step", 1)
+        start_off = Offset.of(start)
+        if step != 1 or start_off is None:
+            raise _NotLiftable("arange with a step or a non-integer start")
+        return Affine(((-1, 1),), start_off, 1)
+
+    def _unsqueeze(self, x: Any, dim: int) -> Any:
+        if isinstance(x, Select):
+            return replace(x, rank=x.rank + 1)
+        if not isinstance(x, Affine):
+            raise _NotLiftable("unsqueeze of a non-index value")
+        new_rank = x.rank + 1
+        d = normalize_dim(dim, new_rank)
+        terms = tuple((p if x.rank + p >= d else p - 1, c) for p, c in x.terms)
+        return Affine(terms, x.const, new_rank)
+
+    def _reshape(self, n: fx.Node) -> Any:
+        x = self.value(n.args[0])
+        if is_op(n, aten.clone, aten.contiguous):
+            return x
+        before, after = shape(n.args[0]), shape(n)
+        strip = lambda s: tuple(s)[next((i for i, d in enumerate(s) if d != 1), len(s)):]  # noqa: E731
+        if not is_op(n, aten.expand) and strip(before) != strip(after):
+            raise _NotLiftable("a reshape that moves the query/key axes")
+        if is_op(n, aten.expand) and tuple(after[len(after) - len(before):]) != tuple(before):
+            if isinstance(x, Affine):
+                raise _NotLiftable("an index broadcast by expand")
+        return replace(x, rank=len(after))
+
+    def _cast(self, x: Any, dtype: torch.dtype) -> Any:
+        if isinstance(x, Select):
+            conv = bool if dtype == torch.bool else (float if dtype.is_floating_point else int)
+            return replace(x, inside=conv(x.inside), outside=conv(x.outside))
+        return x
+
+    def _slice(self, n: fx.Node) -> Any:
+        x = self.value(n.args[0])
+        dim = n.args[1] if len(n.args) > 1 else 0
+        start = n.args[2] if len(n.args) > 2 else 0
+        step = n.args[4] if len(n.args) > 4 else 1
+        start_off = Offset.of(start if start is not None else 0)
+        if step != 1 or start_off is None or (start_off.is_static and start_off.const < 0):
+            raise _NotLiftable("a slice with a step or a negative start")
+        rank = x.rank
+        pos = normalize_dim(dim, rank) - rank
+        if isinstance(x, Affine):
+            coef = dict(x.terms).get(pos, 0)
+            return replace(x, const=x.const + start_off.scaled(coef))
+        if pos == -2:  # rows i_new = i - start: j - i_new = (j - i) + start
+            return replace(x, where=x.where.shifted(start_off))
+        if pos == -1:
+            return replace(x, where=x.where.shifted(-start_off))
+        return x
+
+    def _add(self, n: fx.Node) -> Affine:
+        a, b = self.value(n.args[0]), self.value(n.args[1])
+        alpha = n.kwargs.get("alpha", n.args[2] if len(n.args) > 2 else 1)
+        sign = -alpha if is_op(n, aten.sub) else alpha
+        a, b = self._affine(a), self._affine(b)
+        if a is None or b is None or not isinstance(sign, int):
+            raise _NotLiftable("arithmetic on non-index values")
+        coefs: dict = dict(a.terms)
+        for p, c in b.terms:
+            coefs[p] = coefs.get(p, 0) + sign * c
+        return Affine(tuple((p, c) for p, c in coefs.items() if c), a.const + b.const.scaled(sign), max(a.rank, b.rank))
+
+    @staticmethod
+    def _affine(x: Any) -> Optional[Affine]:
+        if isinstance(x, Affine):
+            return x
+        off = x if isinstance(x, Offset) else Offset.of(x)
+        return None if off is None else Affine((), off, 0)
+
+    # --- comparisons and boolean algebra ------------------------------------------------------
+    def _compare(self, n: fx.Node) -> Select:
+        a, b = self.value(n.args[0]), self.value(n.args[1])
+        op = n.target.overloadpacket
+        if isinstance(a, Select) and op in (aten.eq, aten.ne):
+            return self._compare_select(a, b, op)
+        a, b = self._affine(a), self._affine(b)
+        if a is None or b is None:
+            raise _NotLiftable("comparison of non-index values")
+        coefs: dict = dict(a.terms)
+        for p, c in b.terms:
+            coefs[p] = coefs.get(p, 0) - c
+        coefs = {p: c for p, c in coefs.items() if c}
+        const = a.const - b.const  # the comparison is: sum(coefs) + const  OP  0
+        if set(coefs) != {-1, -2} or coefs[-1] != -coefs[-2] or abs(coefs[-1]) != 1:
+            raise _NotLiftable("a comparison that is not of the form (j - i) vs offset")
+        if coefs[-1] == -1:  # -(j - i) + c OP 0  <=>  (j - i) - c  OP'  0
+            const = -const
+            op = {aten.le: aten.ge, aten.lt: aten.gt, aten.ge: aten.le, aten.gt: aten.lt}.get(op, op)
+        bound = -const  # (j - i) OP bound
+        one = Offset(1)
+        interval = {
+            aten.le: Interval(hi=bound),
+            aten.lt: Interval(hi=bound - one),
+            aten.ge: Interval(lo=bound),
+            aten.gt: Interval(lo=bound + one),
+            aten.eq: Interval(lo=bound, hi=bound),
+            aten.ne: Interval(lo=bound, hi=bound, complement=True),
+        }[op]
+        return Select(interval, True, False, max(a.rank, b.rank))
+
+    def _compare_select(self, a: Select, b: Any, op) -> Select:
+        if not isinstance(b, (int, float, bool)) or a.inside == a.outside:
+            raise _NotLiftable("comparison of a mask with a tensor")
+        if a.inside == b:
+            where = a.where
+        elif a.outside == b:
+            where = a.where.invert()
+        else:
+            raise _NotLiftable("comparison that is constant")
+        return Select(where if op is aten.eq else where.invert(), True, False, a.rank)
+
+    @staticmethod
+    def _as_set(x: Any) -> Interval:
+        if isinstance(x, Select) and x.inside is True and x.outside is False:
+            return x.where
+        if isinstance(x, Select) and x.inside is False and x.outside is True:
+            return x.where.invert()
+        raise _NotLiftable("boolean algebra on a non-boolean mask")
+
+    def _not(self, x: Any) -> Select:
+        return Select(self._as_set(x).invert(), True, False, x.rank)
+
+    def _logic(self, n: fx.Node) -> Select:
+        a, b = self.value(n.args[0]), self.value(n.args[1])
+        sa, sb = self._as_set(a), self._as_set(b)
+        if is_op(n, aten.bitwise_or, aten.logical_or):  # a | b = ~(~a & ~b)
+            where = _intersect(sa.invert(), sb.invert()).invert()
+        else:
+            where = _intersect(sa, sb)
+        return Select(where, True, False, max(a.rank, b.rank))
+
+    def _triangle(self, n: fx.Node) -> Select:
+        x = self.value(n.args[0])
+        diagonal = Offset.of(n.args[1] if len(n.args) > 1 else n.kwargs.get("diagonal", 0))
+        if not isinstance(x, Select) or x.inside != x.outside or diagonal is None:
+            raise _NotLiftable("triu/tril of a non-constant tensor")
+        zero = False if isinstance(x.inside, bool) else 0
+        where = Interval(lo=diagonal) if is_op(n, aten.triu) else Interval(hi=diagonal)
+        return Select(where, x.inside, zero, x.rank)
+
+    def _where(self, n: fx.Node) -> Select:
+        cond = self._as_set(self.value(n.args[0]))
+        a, b = self.value(n.args[1]), self.value(n.args[2])
+        a, b = self._constant(a), self._constant(b)
+        return Select(cond, a, b, max(getattr(self.value(n.args[0]), "rank", 0), 2))
+
+    def _masked_fill(self, n: fx.Node) -> Select:
+        x = self.value(n.args[0])
+        cond = self._as_set(self.value(n.args[1]))
+        base = self._constant(x)
+        return Select(cond, self._constant(self.value(n.args[2])), base, getattr(x, "rank", 2))
+
+    @staticmethod
+    def _constant(x: Any) -> Any:
+        if isinstance(x, Select) and x.inside == x.outside:
+            return x.inside
+        if isinstance(x, (int, float, bool)):
+            return x
+        raise _NotLiftable("a value that is not constant")
+
+
+def lift_hidden_set(mask_node: fx.Node, scores_shape: tuple) -> tuple[Optional[Select], str]:
+    """Interpret ``mask_node`` abstractly; ``(Select, "")`` or ``(None, reason)``.
+
+    The mask must line up with the scores: its last two dims equal the scores' (query, key)
+    dims and its leading dims are all 1, so no broadcasting can re-tile it.
+    """
+    mshape = shape(mask_node)
+    if mshape is None or len(mshape) < 2 or tuple(mshape[-2:]) != tuple(scores_shape[-2:]) or any(d != 1 for d in mshape[:-2]):
+        return None, "the mask does not have the scores' query/key shape"
+    try:
+        value = _Interpreter().value(mask_node)
+    except _NotLiftable as e:
+        return None, str(e)
+    if not isinstance(value, Select):
+        return None, "the mask is not a function of (query, key) indices"
+    return value, ""
+
+
+def band_of_visible(visible: Interval) -> Optional[LiftedMask]:
+    """A band for the visible set, or None if the visible keys are not one band."""
+    if visible.complement:
+        return None
+    return LiftedMask(visible.lo, visible.hi)

@@ -7,7 +7,8 @@ built from indices). Consecutive full tiles run as one segment; each segment is 
 fastest dense primitive, ATen's CPU flash kernel, which returns its log-sum-exp, and the
 segments of an outer tile are merged exactly through their log-sum-exps (online softmax at
 segment granularity). GQA maps query head ``h`` to key/value head ``h // G`` inside ATen's
-kernel, without copies. Softcapping, which ATen cannot apply, uses GEMM tiles instead.
+kernel, without copies. Softcapping, value head dims unlike the query's, and float64
+(which ATen's kernel does not compute to float64 accuracy) use GEMM tiles instead.
 
 Rows the fast path cannot serve exactly — rows that see no key at all (eager gives NaN for
 ``-inf`` fills, a uniform average for finite fills) and rows where a finite fill value is not
@@ -46,7 +47,7 @@ def _slice_rows(t: Optional[torch.Tensor], q0: int, q1: int) -> Optional[torch.T
 def _merge(
     acc: Optional[torch.Tensor], lse: Optional[torch.Tensor], out: torch.Tensor, seg_lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial softmax results (``out`` normalized, float32) by their lse."""
+    """Combine two partial softmax results (``out`` normalized, compute dtype) by their lse."""
     if acc is None:
         return out, seg_lse
     new_lse = torch.logaddexp(lse, seg_lse)
@@ -79,20 +80,20 @@ class _Problem:
         return tile
 
     def segment(self, q0: int, q1: int, k0: int, k1: int, with_band: bool):
-        """Attention of rows ``[q0, q1)`` over keys ``[k0, k1)``: ``(out float32, lse)``.
+        """Attention of rows ``[q0, q1)`` over keys ``[k0, k1)``: ``(out, lse)`` in the compute dtype.
 
         Rows with no visible key in the segment get ``lse = -inf`` and contribute nothing.
         """
         q_t = self.q[:, :, q0:q1]
         k_s, v_s = self.k[:, :, k0:k1], self.v[:, :, k0:k1]
-        if self.softcap > 0:
+        if not _aten_serves(self.q, self.v, self.softcap):
             return self._gemm_segment(q_t, k_s, v_s, q0, q1, k0, k1, with_band)
         tile = self.additive_tile(q0, q1, k0, k1, with_band)
         out, lse = _flash_cpu(q_t, k_s, v_s, 0.0, False, attn_mask=tile, scale=self.scale)
         if tile is not None:
             dead = torch.isneginf(tile).all(-1).expand(lse.shape)
             lse = lse.masked_fill(dead, float("-inf"))
-        return out.float(), lse
+        return out.float(), lse.float()
 
     def _gemm_segment(self, q_t, k_s, v_s, q0, q1, k0, k1, with_band):
         s = masked_scores(
@@ -105,7 +106,12 @@ class _Problem:
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
         out = torch.matmul(p, v_s.to(s.dtype).unsqueeze(2))
-        return out.flatten(1, 2).float(), lse.flatten(1, 2).float()
+        return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def _aten_serves(q: torch.Tensor, v: torch.Tensor, softcap: float) -> bool:
+    """ATen's flash kernel cannot softcap, needs D == Dv, and is not float64-accurate."""
+    return softcap == 0 and q.dtype != torch.float64 and q.shape[-1] == v.shape[-1]
 
 
 def _segments(band: Band, q0: int, q1: int, num_keys: int, block_k: int):
@@ -147,7 +153,7 @@ def attention_cpu(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
 
     # Whole-call fast path: the semantics of ATen's kernel are exactly ours and no row is empty.
-    if bias is None and mask is None and softcap == 0 and band.min_offset is None and band.max_offset in (None, 0):
+    if _aten_serves(q, v, softcap) and bias is None and mask is None and band.min_offset is None and band.max_offset in (None, 0):
         out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, scale=scale)
         return out, lse
 
@@ -163,7 +169,7 @@ def attention_cpu(
             lse[:, :, q0:q1] = float("-inf")
             continue
         out[:, :, q0:q1] = acc
-        lse[:, :, q0:q1] = acc_lse
+        lse[:, :, q0:q1] = acc_lse.float()
 
     _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
     return out, lse
@@ -189,10 +195,10 @@ def attention_sdpa(q, k, v, bias, mask, *, scale, softcap, fill, band, block_q, 
     """The peer strategy: one ATen flash call with the whole Sq×Sk mask materialized.
 
     Kept as a selectable kernel (``FA_DYNAMO_KERNEL=sdpa``) to measure what tiling buys; it
-    serves the same semantics (softcap goes through the tiled kernel, which ATen cannot do).
+    serves the same semantics (what ATen cannot serve goes through the tiled kernel's GEMM tiles).
     """
     num_q, num_k = q.shape[2], k.shape[2]
-    if softcap > 0 or num_q == 0 or num_k == 0:
+    if not _aten_serves(q, v, softcap) or num_q == 0 or num_k == 0:
         return attention_cpu(
             q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k
         )

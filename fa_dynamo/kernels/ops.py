@@ -132,11 +132,12 @@ def _attention_op(
     block_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_inputs(q, k, v, bias, mask, kernel, block_q, block_k)
-    return _run_kernel(
+    out, lse = _run_kernel(
         kernel, q, k, v, bias, mask,
         scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset),
         block_q=block_q, block_k=block_k,
     )
+    return out.contiguous(), lse.contiguous()  # the layout the fake implementation promises
 
 
 @_attention_op.register_fake

@@ -1,0 +1,177 @@
+"""The one timing helper every benchmark shares, and a description of the machine.
+
+``measure`` warms a callable up, then times ``repeats`` calls with ``time.perf_counter`` and
+returns the median and every sample. ``measure_interleaved`` does the same for several
+callables in round-robin order, so that a burst of background load hits all of them alike
+instead of whichever happened to be running at the time.
+
+``CpuLoad`` reads ``/proc/stat`` around a run and reports how many cores *other* processes
+kept busy meanwhile: on a small shared machine that number says how far to trust the timings.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+
+@dataclass
+class Timing:
+    """Seconds: the median of ``samples`` (the warm-up calls are not among them)."""
+
+    median: float
+    samples: list[float] = field(default_factory=list)
+    warmup: list[float] = field(default_factory=list)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    def as_dict(self) -> dict:
+        return {
+            "median_s": self.median,
+            "min_s": self.min,
+            "samples_s": self.samples,
+            "warmup_s": self.warmup,
+        }
+
+
+def _once(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> Timing:
+    """Call ``fn`` ``warmup`` times untimed-for-the-result, then ``repeats`` times timed."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    warm = [_once(fn) for _ in range(warmup)]
+    samples = [_once(fn) for _ in range(repeats)]
+    return Timing(statistics.median(samples), samples, warm)
+
+
+def measure_interleaved(
+    fns: Mapping[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5
+) -> dict[str, Timing]:
+    """``measure`` for several callables, one call of each per round (same warm-up/median rule)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    warm: dict[str, list[float]] = {name: [] for name in fns}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            warm[name].append(_once(fn))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_once(fn))
+    return {name: Timing(statistics.median(samples[name]), samples[name], warm[name]) for name in fns}
+
+
+# --- the machine -------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """CPU model, core count, torch version and threads, Python, OS, date (UTC)."""
+    import torch
+
+    mem_total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_total = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": mem_total,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def describe_machine(info: Optional[dict] = None) -> str:
+    """One line naming the machine, e.g. for a table's caption."""
+    info = info or machine_info()
+    mem = f", {info['memory_gib']} GiB RAM" if info.get("memory_gib") else ""
+    return (
+        f"{info['cpu_model']}, {info['cores']} cores{mem}; torch {info['torch']} "
+        f"({info['torch_threads']} threads), Python {info['python']}, {info['os']}; {info['date']}"
+    )
+
+
+# --- background load ---------------------------------------------------------------------------
+
+
+def _proc_stat_busy() -> Optional[tuple[float, float]]:
+    """(busy seconds, total seconds) summed over all cores, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields_ = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields_[3] + (fields_[4] if len(fields_) > 4 else 0)  # idle + iowait
+    total = sum(fields_[:8])  # guest time is already counted in user
+    return (total - idle) / hz, total / hz
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and of its waited-for children (the memory workers)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class CpuLoad:
+    """``with CpuLoad() as load: ...`` then ``load.others_cores``: cores busy with other work."""
+
+    def __enter__(self) -> "CpuLoad":
+        self._stat0, self._own0, self._wall0 = _proc_stat_busy(), _own_cpu(), time.perf_counter()
+        self._load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        self.others_cores: Optional[float] = None
+        self.own_cores: Optional[float] = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stat1, own1 = _proc_stat_busy(), _own_cpu()
+        wall = time.perf_counter() - self._wall0
+        self.wall_s = wall
+        self.loadavg_1min = (self._load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+        if self._stat0 is None or stat1 is None or wall <= 0:
+            return
+        busy = stat1[0] - self._stat0[0]
+        own = own1 - self._own0
+        self.own_cores = own / wall
+        self.others_cores = max(0.0, (busy - own) / wall)
+
+    def as_dict(self) -> dict:
+        return {
+            "wall_s": getattr(self, "wall_s", None),
+            "own_cores_avg": self.own_cores,
+            "other_processes_cores_avg": self.others_cores,
+            "loadavg_1min_start_end": getattr(self, "loadavg_1min", None),
+        }

@@ -279,6 +279,14 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _vmhwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -306,11 +314,41 @@ def memory_worker(method: str, seq: int, heads: int, head_dim: int) -> dict:
     return {
         "method": method,
         "peak_delta_mib": max_after - base,
+        "vmhwm_delta_mib": _vmhwm_mib() - base,
         "exact": reset or max_after > max_before,
         "first_call_peak_delta_mib": first_peak,
         "baseline_rss_mib": base,
         "peak_reset": reset,
     }
+
+
+def _forked(fn: Callable, *args) -> dict:
+    """``fn(*args)`` in a forked child; its JSON-able result comes back through a pipe.
+
+    Why: a process started from a big parent reports the parent's peak as its own ``ru_maxrss``
+    (Linux folds the old address space's high-water mark into the signal struct's ``maxrss``
+    at ``execve``, and ``clear_refs`` cannot reset that). A forked child starts with a zeroed
+    signal struct, so its ``ru_maxrss`` is its own: this worker's, not the benchmark's.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_fd)
+        try:
+            torch._dynamo.config.cache_size_limit = 64
+            payload = json.dumps(fn(*args))
+            code = 0
+        except BaseException as e:  # report, never fall through into the parent's code
+            payload = json.dumps({"error": f"{type(e).__name__}: {e}"})
+            code = 1
+        with os.fdopen(write_fd, "w") as f:
+            f.write(payload)
+        os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        payload = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(payload) if payload else {"error": "the memory worker died without a result"}
 
 
 def eager_memory_estimate(seq: int, heads: int) -> float:
@@ -518,8 +556,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
 
     if args.memory_worker:
-        torch._dynamo.config.cache_size_limit = 64
-        print(json.dumps(memory_worker(args.memory_worker, args.memory_seq, args.memory_heads, args.memory_head_dim)))
+        print(json.dumps(_forked(memory_worker, args.memory_worker, args.memory_seq, args.memory_heads, args.memory_head_dim)))
         return 0
 
     torch._dynamo.config.cache_size_limit = 64

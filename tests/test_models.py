@@ -26,6 +26,9 @@ ATTENTION_OP = torch.ops.fa_dynamo.attention.default
 SOFTMAXES = (torch.ops.aten.softmax, torch.ops.aten._softmax, torch.ops.aten._safe_softmax)
 
 VOCAB, HIDDEN, HEADS, LAYERS = 128, 64, 4, 2
+# Weights 10x the default init scale: with the default (0.02) the scores are ~0.03 and every
+# softmax is nearly uniform, so a wrong scale, mask or head mapping would hide under 1e-4.
+INIT = 0.2
 BATCH, SEQ, PAD = 2, 37, 7  # odd length; row 1 of the batch has PAD padding tokens
 FAMILIES = ("llama", "gpt2", "bert")
 DECODERS = ("llama", "gpt2")
@@ -36,7 +39,7 @@ DECODERS = ("llama", "gpt2")
 
 def make_model(family: str, train: bool = False) -> torch.nn.Module:
     """A tiny model with random weights, eager attention, all dropout probabilities 0."""
-    common = dict(vocab_size=VOCAB, attn_implementation="eager")
+    common = dict(vocab_size=VOCAB, initializer_range=INIT, attn_implementation="eager")
     if family == "llama":
         config = transformers.LlamaConfig(
             hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,

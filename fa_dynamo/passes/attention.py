@@ -579,7 +579,7 @@ def _rewrite(graph: fx.Graph, site: _Site, config: FastAttentionConfig) -> None:
             q, k, v = (graph.call_function(aten.to.dtype, (t, op_dtype)) for t in (q, k, v))
         bias = _combine(graph, [_to_4d(graph, b) for b in site.biases], aten.add.Tensor)
         hidden = [
-            _to_4d(graph, m if where_true else graph.call_function(aten.bitwise_not.default, (m,)))
+            _to_4d(graph, m) if where_true else graph.call_function(aten.bitwise_not.default, (_to_4d(graph, m),))
             for m, where_true in site.masks
         ]
         mask = _combine(graph, hidden, aten.bitwise_or.Tensor)

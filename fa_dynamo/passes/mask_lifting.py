@@ -30,6 +30,10 @@ import torch.fx as fx
 from fa_dynamo.passes.matching import aten, is_op, normalize_dim, python_scalar, shape, val
 
 
+_AND = (aten.bitwise_and, aten.logical_and, aten.__and__)
+_OR = (aten.bitwise_or, aten.logical_or, aten.__or__)
+
+
 @dataclass(frozen=True)
 class Offset:
     """An integer ``const + sum(coef * symint_node)``."""
@@ -185,7 +189,7 @@ class _Interpreter:
             return self._compare(n)
         if is_op(n, aten.bitwise_not, aten.logical_not):
             return self._not(self.value(n.args[0]))
-        if is_op(n, aten.bitwise_and, aten.logical_and, aten.bitwise_or, aten.logical_or):
+        if is_op(n, *_AND, *_OR):
             return self._logic(n)
         if is_op(n, aten.where):
             return self._where(n)
@@ -328,7 +332,7 @@ class _Interpreter:
     def _logic(self, n: fx.Node) -> Select:
         a, b = self.value(n.args[0]), self.value(n.args[1])
         sa, sb = self._as_set(a), self._as_set(b)
-        if is_op(n, aten.bitwise_or, aten.logical_or):  # a | b = ~(~a & ~b)
+        if is_op(n, *_OR):  # a | b = ~(~a & ~b)
             where = _intersect(sa.invert(), sb.invert()).invert()
         else:
             where = _intersect(sa, sb)

@@ -220,7 +220,9 @@ def build_methods(case: Case, q, k, v, methods: tuple[str, ...]) -> tuple[dict, 
         compiled(q, k, v)  # compiles
         notes[name] = {"compile_and_first_call_s": time.perf_counter() - t0}
         if backend is not None:
-            summaries = [r.summary() for reports in backend.reports for r in reports]
+            summaries = [
+                r.summary() + "".join(f" [{f}]" for f in r.fused) for reports in backend.reports for r in reports
+            ]
             notes[name]["pass_reports"] = summaries
             notes[name]["fused"] = any(r.fused for reports in backend.reports for r in reports)
             notes[name]["mask_lifted"] = any("lifted to a band" in f for reports in backend.reports for r in reports for f in r.fused)
@@ -231,29 +233,32 @@ def build_methods(case: Case, q, k, v, methods: tuple[str, ...]) -> tuple[dict, 
 # --- timing ------------------------------------------------------------------------------------
 
 
-def repeats_for(case: Case, quick: bool) -> int:
+def repeats_for(case: Case, quick: bool, override: Optional[int] = None) -> int:
+    if override:
+        return override
     if quick:
         return 5
     return 5 if case.seq >= 4096 else 7
 
 
-def run_case(case: Case, methods: tuple[str, ...], quick: bool) -> dict:
+def run_case(case: Case, methods: tuple[str, ...], quick: bool, repeats: Optional[int] = None) -> dict:
     q, k, v = make_inputs(case)
     fns, notes = build_methods(case, q, k, v, methods)
     # Correctness against SDPA (or eager when SDPA is not run), on the same inputs.
     ref_name = "sdpa" if "sdpa" in fns else next(iter(fns))
     ref = fns[ref_name]()
     errors = {name: float((fn() - ref).abs().max()) for name, fn in fns.items() if name != ref_name}
+    errors[ref_name] = None  # the reference itself
     del ref
     gc.collect()
-    timings = measure_interleaved(fns, warmup=1, repeats=repeats_for(case, quick))
+    timings = measure_interleaved(fns, warmup=1, repeats=repeats_for(case, quick, repeats))
     rows = {}
     for name, t in timings.items():
         rows[name] = {
             **t.as_dict(),
             "median_ms": t.median * 1e3,
             "gflops": case.flops / t.median / 1e9,
-            "max_abs_err_vs_" + ref_name: errors.get(name, 0.0),
+            "max_abs_err_vs_" + ref_name: errors[name],
             **notes.get(name, {}),
         }
     for name, row in rows.items():
@@ -367,7 +372,10 @@ def _mem_available() -> Optional[float]:
     return None
 
 
-def run_memory(methods: tuple[str, ...], seq: int, heads: int, head_dim: int, limit_gib: float) -> dict:
+def run_memory(
+    methods: tuple[str, ...], seq: int, heads: int, head_dim: int, limit_gib: float, skip: Optional[dict] = None
+) -> dict:
+    skip = skip or {}
     out: dict = {"seq": seq, "heads": heads, "head_dim": head_dim, "mask": "causal", "methods": {}}
     out["inputs_mib"] = 3 * heads * seq * head_dim * 4 / MiB
     out["output_mib"] = heads * seq * head_dim * 4 / MiB
@@ -379,13 +387,17 @@ def run_memory(methods: tuple[str, ...], seq: int, heads: int, head_dim: int, li
             if need > cap:
                 out["methods"][method] = {"skipped": f"needs ~{need / 1024**3:.1f} GiB > {cap / 1024**3:.1f} GiB allowed"}
                 continue
+        if method in skip:
+            out["methods"][method] = {"skipped": skip[method]}
+            continue
         cmd = [sys.executable, "-m", "benchmarks.bench_attention_cpu", "--memory-worker", method,
+               "--threads", str(torch.get_num_threads()),
                "--memory-seq", str(seq), "--memory-heads", str(heads), "--memory-head-dim", str(head_dim)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
         wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            out["methods"][method] = {"error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+        if proc.returncode != 0 or not proc.stdout.strip():
+            out["methods"][method] = {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
             continue
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result["worker_wall_s"] = wall
@@ -434,7 +446,7 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {c['case']['name']} | {LABELS[name]} | {row['median_ms']:.1f} | {row['gflops']:.1f} | "
                 f"{_fmt(row.get('speedup_vs_sdpa'), 2)} | {_fmt(row.get('speedup_vs_eager'), 2)} | "
-                f"{'ref' if err_key is None and name == 'sdpa' else ('—' if err is None else f'{err:.1e}')} |"
+                f"{'ref' if err is None else f'{err:.1e}'} |"
             )
     lines += ["", "Cases:", ""]
     for c in report["cases"]:
@@ -551,10 +563,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--memory-heads", type=int, default=4)
     p.add_argument("--memory-head-dim", type=int, default=64)
     p.add_argument("--memory-limit-gib", type=float, default=8.0, help="skip eager memory above this estimate")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, = cores)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 7, 5 at 4096+ / --quick)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--memory-worker", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(_forked(memory_worker, args.memory_worker, args.memory_seq, args.memory_heads, args.memory_head_dim)))
         return 0
@@ -571,7 +587,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with CpuLoad() as load:
         for case in cases:
             t0 = time.perf_counter()
-            result = run_case(case, methods, args.quick)
+            result = run_case(case, methods, args.quick, args.repeats)
             report["cases"].append(result)
             print(f"\n{case.name}: {case.describe()}  ({time.perf_counter() - t0:.0f} s)", flush=True)
             for name, row in result["methods"].items():
@@ -582,7 +598,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 )
         if not args.no_memory:
             t0 = time.perf_counter()
-            report["memory"] = run_memory(methods, mem_seq, args.memory_heads, args.memory_head_dim, args.memory_limit_gib)
+            # --quick keeps to a minute: Inductor's memory (a second C++ compile) is left out there.
+            skip = {"inductor": "not measured with --quick"} if args.quick else {}
+            report["memory"] = run_memory(
+                methods, mem_seq, args.memory_heads, args.memory_head_dim, args.memory_limit_gib, skip
+            )
             print(f"\npeak memory, causal {mem_seq} × {args.memory_heads} heads ({time.perf_counter() - t0:.0f} s)")
             for name, r in report["memory"]["methods"].items():
                 shown = r.get("skipped") or r.get("error") or f"{r['peak_delta_mib']:.0f} MiB"

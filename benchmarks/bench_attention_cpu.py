@@ -192,7 +192,8 @@ def make_inputs(case: Case, seed: int = 0):
 
 def build_methods(case: Case, q, k, v, methods: tuple[str, ...]) -> tuple[dict, dict]:
     """``{method: zero-arg callable}`` plus per-method notes (compile time, pass reports)."""
-    mask = additive_mask(case)
+    needs_mask = "eager" in methods or ("sdpa" in methods and case.mask == "window")
+    mask = additive_mask(case) if needs_mask else None
     fns: dict[str, Callable] = {}
     notes: dict[str, dict] = {}
     if "eager" in methods:
@@ -238,7 +239,7 @@ def repeats_for(case: Case, quick: bool, override: Optional[int] = None) -> int:
         return override
     if quick:
         return 5
-    return 5 if case.seq >= 4096 else 7
+    return 7 if case.seq >= 4096 else 9
 
 
 def run_case(case: Case, methods: tuple[str, ...], quick: bool, repeats: Optional[int] = None) -> dict:
@@ -251,7 +252,8 @@ def run_case(case: Case, methods: tuple[str, ...], quick: bool, repeats: Optiona
     errors[ref_name] = None  # the reference itself
     del ref
     gc.collect()
-    timings = measure_interleaved(fns, warmup=1, repeats=repeats_for(case, quick, repeats))
+    with CpuLoad() as load:
+        timings = measure_interleaved(fns, warmup=1, repeats=repeats_for(case, quick, repeats))
     rows = {}
     for name, t in timings.items():
         rows[name] = {
@@ -269,7 +271,13 @@ def run_case(case: Case, methods: tuple[str, ...], quick: bool, repeats: Optiona
     del fns
     torch._dynamo.reset()
     gc.collect()
-    return {"case": asdict(case), "description": case.describe(), "flops": case.flops, "methods": rows}
+    return {
+        "case": asdict(case),
+        "description": case.describe(),
+        "flops": case.flops,
+        "other_processes_cores_avg": load.others_cores,
+        "methods": rows,
+    }
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -316,8 +324,10 @@ def memory_worker(method: str, seq: int, heads: int, head_dim: int) -> dict:
     max_before = _maxrss_mib()
     fns[method]()
     max_after = _maxrss_mib()
+    prebuilt = case.seq * case.seq * 4 / MiB if method == "eager" else 0.0
     return {
         "method": method,
+        "prebuilt_mask_mib": prebuilt,
         "peak_delta_mib": max_after - base,
         "vmhwm_delta_mib": _vmhwm_mib() - base,
         "exact": reset or max_after > max_before,
@@ -428,7 +438,9 @@ def markdown(report: dict) -> str:
         "inputs. GFLOP/s counts useful FLOPs only, 4·B·H·Sq·Sk·D × visible fraction (½ causal, the "
         "exact visible fraction for a window), the same count for every method — eager really does "
         "the full Sq×Sk. *vs SDPA* and *vs eager* are speedups: t(SDPA)/t(method) and "
-        "t(eager)/t(method); > 1 means faster.",
+        "t(eager)/t(method); > 1 means faster. *min ms* is the fastest sample, shown because on a "
+        "shared machine the median can be inflated by other processes (see Background load). "
+        "*max abs err* is against SDPA's output on the same inputs.",
         "",
         "Methods: " + "; ".join(f"**{LABELS[k]}**" for k in report["methods"]) + ". "
         "Eager gets its additive mask prebuilt (as a model builds it once per forward); SDPA uses "
@@ -436,21 +448,27 @@ def markdown(report: dict) -> str:
         "for GQA; the fa_dynamo op gets the band; both compiled methods compile the same function, "
         "which builds its mask inside with `triu` / `arange` comparisons.",
         "",
-        "| case | method | median ms | GFLOP/s | vs SDPA | vs eager | max abs err |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| case | method | median ms | min ms | GFLOP/s | vs SDPA | vs eager | max abs err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in report["cases"]:
         for name, row in c["methods"].items():
             err_key = next((k for k in row if k.startswith("max_abs_err_vs_")), None)
             err = row.get(err_key) if err_key else None
             lines.append(
-                f"| {c['case']['name']} | {LABELS[name]} | {row['median_ms']:.1f} | {row['gflops']:.1f} | "
+                f"| {c['case']['name']} | {LABELS[name]} | {row['median_ms']:.1f} | {row['min_s'] * 1e3:.1f} | "
+                f"{row['gflops']:.1f} | "
                 f"{_fmt(row.get('speedup_vs_sdpa'), 2)} | {_fmt(row.get('speedup_vs_eager'), 2)} | "
                 f"{'ref' if err is None else f'{err:.1e}'} |"
             )
     lines += ["", "Cases:", ""]
     for c in report["cases"]:
-        lines.append(f"- `{c['case']['name']}`: {c['description']}; {c['flops'] / 1e9:.2f} GFLOP useful")
+        busy = c.get("other_processes_cores_avg")
+        lines.append(
+            f"- `{c['case']['name']}`: {c['description']}; {c['flops'] / 1e9:.2f} GFLOP useful; "
+            f"{len(next(iter(c['methods'].values()))['samples_s'])} timed calls per method; "
+            f"other processes busy on {_fmt(busy, 2)} cores while it was timed"
+        )
     comp = [
         (c["case"]["name"], name, row)
         for c in report["cases"]
@@ -472,8 +490,12 @@ def markdown(report: dict) -> str:
             "",
             f"One subprocess per method. After a warm-up call (which also compiles), the peak-RSS mark "
             f"is reset via `/proc/self/clear_refs`, one call runs, and the peak is `ru_maxrss` minus the "
-            f"RSS before the call. Inputs (q, k, v) take {mem['inputs_mib']:.0f} MiB, the output "
-            f"{mem['output_mib']:.0f} MiB, and are not counted.",
+            f"RSS before the call. Inputs (q, k, v) take {mem['inputs_mib']:.0f} MiB and are not "
+            f"counted; the {mem['output_mib']:.0f} MiB output is (unless the allocator reuses the warm-up "
+            f"call's freed block). Eager's additive mask is built before the call (as a model builds "
+            f"it once per forward): its {mem['seq'] ** 2 * 4 / MiB:.0f} MiB come on top of eager's column. "
+            f"The last column is the peak of the first call over the RSS after the inputs: it includes "
+            f"compilation and, for eager, building the mask.",
             "",
             "| method | peak above baseline (MiB) | first call incl. compile (MiB) |",
             "|---|---:|---:|",
@@ -564,7 +586,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--memory-head-dim", type=int, default=64)
     p.add_argument("--memory-limit-gib", type=float, default=8.0, help="skip eager memory above this estimate")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, = cores)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 7, 5 at 4096+ / --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 9, 7 at 4096+, 5 --quick)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--memory-worker", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -589,7 +611,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             t0 = time.perf_counter()
             result = run_case(case, methods, args.quick, args.repeats)
             report["cases"].append(result)
-            print(f"\n{case.name}: {case.describe()}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            busy = _fmt(result["other_processes_cores_avg"], 2)
+            print(f"\n{case.name}: {case.describe()}  ({time.perf_counter() - t0:.0f} s; others busy on {busy} cores)", flush=True)
             for name, row in result["methods"].items():
                 print(
                     f"  {LABELS[name]:<24} {row['median_ms']:9.1f} ms  {row['gflops']:7.1f} GFLOP/s  "

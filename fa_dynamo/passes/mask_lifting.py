@@ -30,6 +30,7 @@ import torch.fx as fx
 from fa_dynamo.passes.matching import aten, is_op, normalize_dim, python_scalar, shape, val
 
 
+_CONSTANTS = (aten.full, aten.ones, aten.zeros, aten.scalar_tensor, aten.new_full, aten.new_ones, aten.new_zeros)
 _AND = (aten.bitwise_and, aten.logical_and, aten.__and__)
 _OR = (aten.bitwise_or, aten.logical_or, aten.__or__)
 
@@ -166,10 +167,11 @@ class _Interpreter:
             return Offset.of(n)
         if is_op(n, aten.arange):
             return self._arange(n)
-        if is_op(n, aten.full, aten.ones, aten.zeros, aten.scalar_tensor):
-            fill = {aten.ones: 1, aten.zeros: 0}.get(n.target.overloadpacket)
+        if is_op(n, *_CONSTANTS):
+            packet = n.target.overloadpacket
+            fill = {aten.ones: 1, aten.zeros: 0, aten.new_ones: 1, aten.new_zeros: 0}.get(packet)
             if fill is None:
-                fill = n.args[0] if is_op(n, aten.scalar_tensor) else n.args[1]
+                fill = n.args[{aten.scalar_tensor: 0, aten.full: 1, aten.new_full: 2}[packet]]
             if n.kwargs.get("dtype") == torch.bool:
                 fill = bool(fill)
             return Select(Interval(), fill, fill, len(shape(n)))
@@ -372,10 +374,11 @@ def lift_hidden_set(mask_node: fx.Node, scores_shape: tuple) -> tuple[Optional[S
     """Interpret ``mask_node`` abstractly; ``(Select, "")`` or ``(None, reason)``.
 
     The mask must line up with the scores: its last two dims equal the scores' (query, key)
-    dims and its leading dims are all 1, so no broadcasting can re-tile it.
+    dims, so no broadcasting can re-tile it. Leading (batch, head) dims may be anything: a
+    lifted value depends on ``j - i`` alone, so it is the same in every batch and head.
     """
     mshape = shape(mask_node)
-    if mshape is None or len(mshape) < 2 or tuple(mshape[-2:]) != tuple(scores_shape[-2:]) or any(d != 1 for d in mshape[:-2]):
+    if mshape is None or len(mshape) < 2 or tuple(mshape[-2:]) != tuple(scores_shape[-2:]):
         return None, "the mask does not have the scores' query/key shape"
     try:
         value = _Interpreter().value(mask_node)

@@ -410,20 +410,35 @@ def _add_band(site: _Site, visible) -> bool:
     return True
 
 
+def _lift_band(site: _Site, hidden_set, dense: tuple, hidden_is_complement: bool, value: float, scores_shape) -> bool:
+    """Record ``hidden = ~(visible ∧ dense)`` as a band plus dense key masks; False if it is not."""
+    if not hidden_is_complement:
+        if dense:
+            return False
+        visible = hidden_set.invert()
+    else:
+        visible = hidden_set
+    if site.fill is not None and site.fill != value:
+        return False
+    saved = (site.band_lo, site.band_hi, site.lifted)
+    if not _add_band(site, visible):
+        site.band_lo, site.band_hi, site.lifted = saved
+        return False
+    _set_fill(site, float(value))
+    site.masks.extend((_aligned(site, d, scores_shape), False) for d in dense)
+    return True
+
+
 def _add_bias(site: _Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple) -> None:
     lifted, _ = lift_hidden_set(bias, scores_shape)
     if lifted is not None and 0 in (lifted.inside, lifted.outside) and lifted.inside != lifted.outside:
         value = lifted.outside if lifted.inside == 0 else lifted.inside
-        hidden = lifted.where if lifted.inside == value else lifted.where.invert()
         absorbing = value == float("-inf") or (
             isinstance(value, float) and value <= _ABSORBING and dtype(add_node) in (torch.float32, torch.bfloat16)
         )
-        if absorbing and (site.fill is None or site.fill == value):
-            saved = (site.band_lo, site.band_hi, site.lifted)
-            if _add_band(site, hidden.invert()):
-                _set_fill(site, float(value))
-                return
-            site.band_lo, site.band_hi, site.lifted = saved
+        # value sits outside (where ∧ dense) when inside == 0: hidden is the complement
+        if absorbing and _lift_band(site, lifted.where, lifted.dense, lifted.inside == 0, value, scores_shape):
+            return
     if not dtype(bias) or not dtype(bias).is_floating_point:
         raise NotFusable(f"a non-float tensor ({bias.name}) is added to the scores")
     site.biases.append(_aligned(site, bias, scores_shape))
@@ -434,13 +449,10 @@ def _add_fill(site: _Site, cond: fx.Node, hidden_where_true: bool, value: float,
         raise NotFusable("masked_fill/where with a non-bool condition")
     lifted, _ = lift_hidden_set(cond, scores_shape)
     if lifted is not None and isinstance(lifted.inside, bool) and lifted.inside != lifted.outside:
-        where = lifted.where if lifted.inside else lifted.where.invert()
-        hidden = where if hidden_where_true else where.invert()
-        saved = (site.band_lo, site.band_hi, site.lifted)
-        if _add_band(site, hidden.invert()):
-            _set_fill(site, value)
+        # cond is True on (where ∧ dense) if inside is True, else on its complement
+        cond_is_set = lifted.inside
+        if _lift_band(site, lifted.where, lifted.dense, cond_is_set != hidden_where_true, value, scores_shape):
             return
-        site.band_lo, site.band_hi, site.lifted = saved
     _set_fill(site, value)
     site.masks.append((_aligned(site, cond, scores_shape), hidden_where_true))
 

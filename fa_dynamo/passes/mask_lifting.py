@@ -10,9 +10,11 @@ Abstract values:
 * ``Affine``: an integer index tensor ``sum(coef[p] * index_along_dim(p)) + const``, with
   dims ``p`` counted from the end (-1 is the key axis, -2 the query axis once the mask lines
   up with the scores).
-* ``Select``: a tensor equal to ``inside`` where ``lo <= j - i <= hi`` (or, if ``outside_set``,
-  where it is not) and ``outside`` elsewhere. Comparisons give ``Select(.., True, False)``;
-  ``triu(full(v))`` gives ``Select(j - i >= d, v, 0)``.
+* ``Select``: a tensor equal to ``inside`` where ``lo <= j - i <= hi`` (or its complement) and
+  every ``dense`` factor is True, ``outside`` elsewhere. Comparisons give
+  ``Select(.., True, False)``; ``triu(full(v))`` gives ``Select(j - i >= d, v, 0)``. A boolean
+  term ANDed in that depends on data (transformers' key padding, ``attention_mask[b, j]``)
+  stays a dense factor: the band is lifted and only the small padding term reaches the op.
 
 Offsets may be symbolic (``Offset`` keeps SymInt nodes), so a causal mask with a dynamic
 past length still lifts. Anything else makes ``lift`` return None: the caller passes the mask
@@ -135,6 +137,7 @@ class Select:
     inside: Any
     outside: Any
     rank: int = 2
+    dense: tuple = ()  # bool nodes ANDed into ``where`` (key padding and other data-dependent terms)
 
 
 class _NotLiftable(Exception):
@@ -213,6 +216,8 @@ class _Interpreter:
 
     def _unsqueeze(self, x: Any, dim: int) -> Any:
         if isinstance(x, Select):
+            if x.dense and normalize_dim(dim, x.rank + 1) != 0:
+                raise _NotLiftable("unsqueeze inside a mask with a data-dependent term")
             return replace(x, rank=x.rank + 1)
         if not isinstance(x, Affine):
             raise _NotLiftable("unsqueeze of a non-index value")
@@ -229,6 +234,8 @@ class _Interpreter:
         strip = lambda s: tuple(s)[next((i for i, d in enumerate(s) if d != 1), len(s)):]  # noqa: E731
         if not is_op(n, aten.expand) and strip(before) != strip(after):
             raise _NotLiftable("a reshape that moves the query/key axes")
+        if not is_op(n, aten.expand) and getattr(x, "dense", ()) and tuple(before) != tuple(after)[-len(before):]:
+            raise _NotLiftable("a reshape of a mask with a data-dependent term")
         if is_op(n, aten.expand) and tuple(after[len(after) - len(before):]) != tuple(before):
             if isinstance(x, Affine):
                 raise _NotLiftable("an index broadcast by expand")
@@ -250,6 +257,8 @@ class _Interpreter:
             raise _NotLiftable("a slice with a step or a negative start")
         rank = x.rank
         pos = normalize_dim(dim, rank) - rank
+        if getattr(x, "dense", ()):
+            raise _NotLiftable("a slice of a mask with a data-dependent term")
         if isinstance(x, Affine):
             coef = dict(x.terms).get(pos, 0)
             return replace(x, const=x.const + start_off.scaled(coef))
@@ -310,7 +319,7 @@ class _Interpreter:
         return Select(interval, True, False, max(a.rank, b.rank))
 
     def _compare_select(self, a: Select, b: Any, op) -> Select:
-        if not isinstance(b, (int, float, bool)) or a.inside == a.outside:
+        if not isinstance(b, (int, float, bool)) or a.inside == a.outside or a.dense:
             raise _NotLiftable("comparison of a mask with a tensor")
         if a.inside == b:
             where = a.where
@@ -321,45 +330,60 @@ class _Interpreter:
         return Select(where if op is aten.eq else where.invert(), True, False, a.rank)
 
     @staticmethod
-    def _as_set(x: Any) -> Interval:
+    def _as_bool(x: Any) -> tuple[Interval, tuple]:
+        """A boolean value as ``(interval, dense factors)``: True on ``interval ∧ all(dense)``."""
         if isinstance(x, Select) and x.inside is True and x.outside is False:
-            return x.where
-        if isinstance(x, Select) and x.inside is False and x.outside is True:
-            return x.where.invert()
+            return x.where, x.dense
+        if isinstance(x, Select) and x.inside is False and x.outside is True and not x.dense:
+            return x.where.invert(), ()
+        if isinstance(x, Select) and x.inside == x.outside and isinstance(x.inside, bool) and not x.dense:
+            return (Interval() if x.inside else Interval(complement=True)), ()
         raise _NotLiftable("boolean algebra on a non-boolean mask")
+
+    def _as_set(self, x: Any) -> Interval:
+        where, dense = self._as_bool(x)
+        if dense:
+            raise _NotLiftable("negation or union of a data-dependent mask term")
+        return where
 
     def _not(self, x: Any) -> Select:
         return Select(self._as_set(x).invert(), True, False, x.rank)
 
     def _logic(self, n: fx.Node) -> Select:
-        a, b = self.value(n.args[0]), self.value(n.args[1])
-        sa, sb = self._as_set(a), self._as_set(b)
         if is_op(n, *_OR):  # a | b = ~(~a & ~b)
-            where = _intersect(sa.invert(), sb.invert()).invert()
-        else:
-            where = _intersect(sa, sb)
-        return Select(where, True, False, max(a.rank, b.rank))
+            a, b = self.value(n.args[0]), self.value(n.args[1])
+            where = _intersect(self._as_set(a).invert(), self._as_set(b).invert()).invert()
+            return Select(where, True, False, max(a.rank, b.rank))
+        (wa, da), (wb, db) = (self._conjunct(arg) for arg in n.args[:2])
+        return Select(_intersect(wa, wb), True, False, len(shape(n)), da + db)
+
+    def _conjunct(self, arg: Any) -> tuple[Interval, tuple]:
+        """One side of an AND; a boolean term the lifter cannot read stays as a dense factor."""
+        try:
+            return self._as_bool(self.value(arg))
+        except _NotLiftable:
+            if isinstance(arg, fx.Node) and isinstance(val(arg), torch.Tensor) and val(arg).dtype == torch.bool:
+                return Interval(), (arg,)
+            raise
 
     def _triangle(self, n: fx.Node) -> Select:
         x = self.value(n.args[0])
         diagonal = Offset.of(n.args[1] if len(n.args) > 1 else n.kwargs.get("diagonal", 0))
-        if not isinstance(x, Select) or x.inside != x.outside or diagonal is None:
+        if not isinstance(x, Select) or x.inside != x.outside or x.dense or diagonal is None:
             raise _NotLiftable("triu/tril of a non-constant tensor")
         zero = False if isinstance(x.inside, bool) else 0
         where = Interval(lo=diagonal) if is_op(n, aten.triu) else Interval(hi=diagonal)
         return Select(where, x.inside, zero, x.rank)
 
     def _where(self, n: fx.Node) -> Select:
-        cond = self._as_set(self.value(n.args[0]))
-        a, b = self.value(n.args[1]), self.value(n.args[2])
-        a, b = self._constant(a), self._constant(b)
-        return Select(cond, a, b, max(getattr(self.value(n.args[0]), "rank", 0), 2))
+        cond, dense = self._as_bool(self.value(n.args[0]))
+        a, b = self._constant(self.value(n.args[1])), self._constant(self.value(n.args[2]))
+        return Select(cond, a, b, len(shape(n)), dense)
 
     def _masked_fill(self, n: fx.Node) -> Select:
-        x = self.value(n.args[0])
-        cond = self._as_set(self.value(n.args[1]))
-        base = self._constant(x)
-        return Select(cond, self._constant(self.value(n.args[2])), base, getattr(x, "rank", 2))
+        cond, dense = self._as_bool(self.value(n.args[1]))
+        base = self._constant(self.value(n.args[0]))
+        return Select(cond, self._constant(self.value(n.args[2])), base, len(shape(n)), dense)
 
     @staticmethod
     def _constant(x: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.fx.traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
 
 
@@ -27,6 +28,14 @@ def placeholder_values(gm: fx.GraphModule) -> list:
 
 
 def to_pre_dispatch_aten(gm: fx.GraphModule) -> fx.GraphModule:
-    """Retrace ``gm`` into pre-dispatch ATen with the same inputs and outputs."""
-    with torch._dynamo.utils.preserve_rng_state():
-        return make_fx(gm, pre_dispatch=True, tracing_mode="symbolic")(*placeholder_values(gm))
+    """Retrace ``gm`` into pre-dispatch ATen with the same inputs and outputs.
+
+    The graph is run through an ``fx.Interpreter`` under ``preserve_node_meta`` so each ATen
+    node keeps the user's stack trace and module path: logs can point at model source lines.
+    """
+
+    def run(*args):
+        return fx.Interpreter(gm).run(*args)
+
+    with torch._dynamo.utils.preserve_rng_state(), fx_traceback.preserve_node_meta():
+        return make_fx(run, pre_dispatch=True, tracing_mode="symbolic")(*placeholder_values(gm))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -28,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from fa_dynamo.config import FastAttentionConfig
-from fa_dynamo.passes.base import GraphPass, PassReport
+from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.mask_lifting import Offset, Select, lift_hidden_set
 from fa_dynamo.passes.matching import (
     aten, describe, dtype, is_op, is_symbolic_scalar, normalize_dim, only_user, python_scalar, shape, val,
@@ -79,8 +80,16 @@ class _Site:
     lifted: int = 0
 
 
+class AttentionReport(PassReport):
+    def headline(self) -> str:
+        kinds = Counter(s.mask for s in self.sites if s.fused)
+        masks = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+        return f"fused {len(self.fused)}/{len(self.sites)} attention sites" + (f" (mask: {masks})" if masks else "")
+
+
 class AttentionPass(GraphPass):
     name = "attention"
+    report_type = AttentionReport
 
     def enabled(self, config: FastAttentionConfig) -> bool:
         return config.attention
@@ -94,12 +103,25 @@ class AttentionPass(GraphPass):
                 site = _match(softmax)
                 _rewrite(graph, site, config)
             except NotFusable as e:
-                report.refused.append((describe(softmax), str(e)))
+                report.sites.append(SiteReport(describe(softmax), False, str(e)))
                 graph.eliminate_dead_code()  # drop nodes a refused rewrite had started
                 continue
-            masks = "" if not site.lifted else f", {site.lifted} mask(s) lifted to a band"
-            report.fused.append(f"{describe(softmax)}{masks}")
+            report.sites.append(SiteReport(describe(softmax), True, mask=_mask_kind(site), kernel=config.kernel))
             graph.eliminate_dead_code()
+
+
+def _mask_kind(site: _Site) -> str:
+    """A short name for what the op received: causal / window / band / padding / dense / bias."""
+    parts = []
+    if site.band_lo is not None or site.band_hi is not None:
+        parts.append("window" if site.band_lo is not None and site.band_hi is not None else
+                     "causal" if site.band_hi is not None else "band")
+    if site.masks:
+        small = all(shape(m) is not None and (len(shape(m)) < 2 or shape(m)[-2] == 1) for m, _ in site.masks)
+        parts.append("padding" if small else "dense")
+    if site.biases:
+        parts.append("bias")
+    return "+".join(parts) or "none"
 
 
 # --- matching ---------------------------------------------------------------------------------

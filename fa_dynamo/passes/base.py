@@ -13,13 +13,37 @@ log = logging.getLogger("fa_dynamo")
 
 
 @dataclass
+class SiteReport:
+    """One candidate site: where it is, whether it was rewritten, and why not."""
+
+    where: str
+    fused: bool
+    reason: str = ""  # empty when fused
+    mask: str = ""  # the mask kind the op received (attention pass)
+    kernel: str = ""
+
+
+@dataclass
 class PassReport:
     """What one pass did to one graph: sites rewritten and sites refused, with reasons."""
 
     name: str
-    fused: list[str] = field(default_factory=list)
-    refused: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    sites: list[SiteReport] = field(default_factory=list)
     error: str = ""
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        """Where the rewritten sites are (read-only: passes append to ``sites``)."""
+        return tuple(s.where for s in self.sites if s.fused)
+
+    @property
+    def refused(self) -> tuple[tuple[str, str], ...]:
+        """``(where, why)`` of every site left alone."""
+        return tuple((s.where, s.reason) for s in self.sites if not s.fused)
+
+    def headline(self) -> str:
+        """The pass's part of the one log line per graph."""
+        return f"{self.name}: {len(self.fused)}/{len(self.sites)} rewritten"
 
     def summary(self) -> str:
         head = f"{self.name}: fused {len(self.fused)} of {len(self.fused) + len(self.refused)} candidate site(s)"
@@ -38,6 +62,7 @@ class GraphPass:
     """
 
     name = "pass"
+    report_type = PassReport
 
     def enabled(self, config: FastAttentionConfig) -> bool:
         raise NotImplementedError

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.attention import AttentionPass
-from fa_dynamo.passes.base import GraphPass, PassReport
+from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 
 log = logging.getLogger("fa_dynamo")
 
@@ -27,7 +27,7 @@ def run_passes(gm: fx.GraphModule, config: FastAttentionConfig) -> list[PassRepo
         if not graph_pass.enabled(config):
             log.debug("%s: disabled by configuration", graph_pass.name)
             continue
-        report = PassReport(graph_pass.name)
+        report = graph_pass.report_type(graph_pass.name)
         snapshot = copy.deepcopy(gm.graph)
         try:
             graph_pass.run(gm, config, report)
@@ -39,10 +39,13 @@ def run_passes(gm: fx.GraphModule, config: FastAttentionConfig) -> list[PassRepo
             gm.graph = snapshot
             gm.recompile()
             report.error = f"{type(e).__name__}: {e}"
-            report.fused.clear()
+            report.sites = [SiteReport(s.where, False, f"the pass failed: {report.error}") for s in report.sites]
             log.warning("fa_dynamo: %s", report.summary())
         else:
-            level = logging.INFO if report.fused or report.refused else logging.DEBUG
-            log.log(level, "fa_dynamo: %s", report.summary() if (report.fused or report.refused) else f"{graph_pass.name}: no candidate sites")
+            log.debug("fa_dynamo: %s", report.summary() if report.sites else f"{graph_pass.name}: no candidate sites")
+            for where, why in report.refused:
+                log.info("fa_dynamo: %s not fused at %s: %s", graph_pass.name, where, why)
         reports.append(report)
+    if reports:
+        log.info("fa_dynamo: %s", "; ".join(r.headline() for r in reports))
     return reports

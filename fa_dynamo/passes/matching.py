@@ -76,12 +76,12 @@ def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
 
 
 def describe(node: fx.Node) -> str:
-    """A short location for logs: the node name and the user's source line when known."""
+    """A short location for logs: the node name, and the user's file:line when known."""
     trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    where = ""
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            where = lines[i].split(", in ")[0].replace("File ", "")
-            break
-    return f"{node.name} ({where})" if where else node.name
+    frames = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
+    if not frames:
+        return node.name
+    last = frames[-1]  # innermost user frame: 'File "path", line N, in fn'
+    path, _, rest = last.removeprefix("File ").partition(", line ")
+    line = rest.split(",")[0]
+    return f"{node.name} ({path.strip(chr(34)).split('/')[-1]}:{line})"

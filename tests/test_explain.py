@@ -44,5 +44,6 @@ def test_info_log_has_one_summary_line_per_graph(caplog):
     finally:
         logger.removeHandler(caplog.handler)
     summaries = [r.getMessage() for r in caplog.records if "attention sites" in r.getMessage()]
-    assert summaries == ["fa_dynamo: fused 2/3 attention sites (mask: causal 1, padding 1)"]
+    assert len(summaries) == 1
+    assert summaries[0].startswith("fa_dynamo: fused 2/3 attention sites (mask: causal 1, padding 1)")
     assert any("not fused at softmax" in r.getMessage() for r in caplog.records)

@@ -203,3 +203,31 @@ def test_gradients_match_eager(family: str, padded: bool) -> None:
     for name, g in expected.items():
         atol = 1e-4 * max(g.abs().max().item(), 1e-3 * largest)
         torch.testing.assert_close(actual[name], g, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+# --- dynamic shapes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dynamic_sequence_length_fuses_without_recompiling(family: str) -> None:
+    """With dynamic=True new sequence lengths reuse the fused graphs.
+
+    (Dynamo itself recompiles these models once on the second call, with any backend — a
+    guard on transformers' lazily initialized state — so graphs are counted from then on.)
+    """
+    torch._dynamo.reset()
+    model = make_model(family)
+    backend = FastAttentionBackend({"strict": True, "inner": "eager"}, keep_graphs=True)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    graphs = []
+    with torch.no_grad():
+        for length in (37, 30, 25, 19):
+            inputs = {k: v[:, :length] for k, v in make_inputs(family, padded=True).items()}
+            expected = main_output(family, model(**inputs))
+            actual = main_output(family, compiled(**inputs))
+            keep = valid_positions(inputs)
+            torch.testing.assert_close(actual[keep], expected[keep], atol=1e-4, rtol=1e-4)
+            graphs.append(len(backend.graphs))
+    assert graphs[1] == graphs[2] == graphs[3], f"graphs after each call: {graphs}"
+    assert all(count(after, ATTENTION_OP) == LAYERS for _, after in backend.graphs)
+    assert not [r for reports in backend.reports for rep in reports for r in rep.refused]

@@ -32,13 +32,18 @@ from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.mask_lifting import Offset, Select, lift_hidden_set
 from fa_dynamo.passes.matching import (
-    aten, describe, dtype, is_op, is_symbolic_scalar, normalize_dim, only_user, python_scalar, shape, val,
+    aten, describe, dtype, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, only_user, python_scalar,
+    round_to, shape, val, writes_between,
 )
 
 _MATMULS = (aten.matmul, aten.bmm, aten.einsum)
 _CASTS = (aten.to, aten._to_copy, aten.type_as)
 _IDENTITIES = (aten.clone, aten.contiguous, aten.alias)
 _VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze)
+# In-place forms count as their functional forms in the score chain: each chain node has one
+# user, so nothing else sees the scores before or after the write.
+_MUL, _DIV, _ADD = (aten.mul, aten.mul_), (aten.div, aten.div_), (aten.add, aten.add_)
+_MASKED_FILL = (aten.masked_fill, aten.masked_fill_)
 # A finite additive mask value this negative absorbs any score in float32/bfloat16
 # (s + v == v), so adding it is the same as replacing the score by it.
 _ABSORBING = -1e30
@@ -78,6 +83,7 @@ class _Site:
     band_hi: Optional[Offset] = None
     batch_view: Optional[fx.Node] = None  # a chain view that fixes the canonical batch dims
     lifted: int = 0
+    mutated: frozenset = frozenset()  # nodes written in place somewhere: never read around them
 
 
 class AttentionReport(PassReport):
@@ -96,11 +102,12 @@ class AttentionPass(GraphPass):
 
     def run(self, gm: fx.GraphModule, config: FastAttentionConfig, report: PassReport) -> None:
         graph = gm.graph
+        mutated = frozenset(mutated_nodes(graph))
         for softmax in list(graph.nodes):
-            if not is_op(softmax, aten.softmax, aten._softmax, aten._safe_softmax) or softmax.graph is not graph:
+            if not is_op(softmax, aten.softmax, aten._softmax) or softmax.graph is not graph:
                 continue
             try:
-                site = _match(softmax)
+                site = _match(softmax, mutated)
                 _rewrite(graph, site, config)
             except NotFusable as e:
                 report.sites.append(SiteReport(describe(softmax), False, str(e)))
@@ -127,16 +134,18 @@ def _mask_kind(site: _Site) -> str:
 # --- matching ---------------------------------------------------------------------------------
 
 
-def _match(softmax: fx.Node) -> _Site:
+def _match(softmax: fx.Node, mutated: frozenset) -> _Site:
     x = softmax.args[0]
     rank = len(shape(x) or ())
     if rank < 2 or normalize_dim(softmax.args[1], rank) != rank - 1:
         raise NotFusable("softmax is not over the last dim")
     events, qk = _walk_scores(x)
     pv = _walk_probs(softmax)
-    site = _Site(softmax, qk, pv)
+    site = _Site(softmax, qk, pv, mutated=mutated)
     _read_qk(site)
     _read_pv(site)
+    if {site.q.node, site.k.node} & writes_between(qk, pv):
+        raise NotFusable("q or k is modified in place between Q·Kᵀ and P·V")
     _fold_events(site, events)
     return site
 
@@ -150,11 +159,11 @@ def _leads_to_scores(node: Any, depth: int = 24) -> bool:
     while depth > 0 and isinstance(node, fx.Node):
         if _is_scores_matmul(node):
             return True
-        if not is_op(node, *_CASTS, *_IDENTITIES, *_VIEWS, aten.mul, aten.div, aten.add, aten.tanh, aten.masked_fill, aten.where):
+        if not is_op(node, *_CASTS, *_IDENTITIES, *_VIEWS, *_MUL, *_DIV, *_ADD, *_MASKED_FILL, aten.tanh, aten.where):
             return False
         if is_op(node, aten.where):
             return _leads_to_scores(node.args[1], depth - 1) or _leads_to_scores(node.args[2], depth - 1)
-        if is_op(node, aten.add, aten.mul) and isinstance(node.args[1], fx.Node) and _leads_to_scores(node.args[1], depth - 1):
+        if is_op(node, *_ADD, *_MUL) and isinstance(node.args[1], fx.Node) and _leads_to_scores(node.args[1], depth - 1):
             return True
         node, depth = node.args[0], depth - 1
     return False
@@ -166,14 +175,14 @@ def _is_scalar(arg: Any) -> bool:
 
 def _scalar_factor(node: fx.Node) -> Optional[tuple[fx.Node, tuple[Scalar, int]]]:
     """``x * c``, ``c * x`` or ``x / c`` with a scalar ``c`` → ``(x, (c, +1 for mul / -1 for div))``."""
-    if not is_op(node, aten.mul, aten.div) or len(node.args) != 2 or node.kwargs:
+    if not is_op(node, *_MUL, *_DIV) or len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
-    if is_op(node, aten.mul) and _is_scalar(a):
+    if is_op(node, *_MUL) and _is_scalar(a):
         a, b = b, a
     if not isinstance(val(a), torch.Tensor) or not _is_scalar(b):
         return None
-    return a, (b, 1 if is_op(node, aten.mul) else -1)
+    return a, (b, 1 if is_op(node, *_MUL) else -1)
 
 
 def _walk_scores(x: fx.Node) -> tuple[list, fx.Node]:
@@ -188,6 +197,8 @@ def _walk_scores(x: fx.Node) -> tuple[list, fx.Node]:
         if is_op(node, *_CASTS):
             if not (dtype(node) and dtype(node).is_floating_point):
                 raise NotFusable("the scores are cast to a non-float dtype")
+            if torch.finfo(dtype(node)).eps > torch.finfo(dtype(node.args[0])).eps:
+                raise NotFusable(f"the scores are rounded to {dtype(node)} before softmax")
             node = node.args[0]
         elif is_op(node, *_IDENTITIES):
             node = node.args[0]
@@ -202,9 +213,9 @@ def _walk_scores(x: fx.Node) -> tuple[list, fx.Node]:
         elif (factor := _scalar_factor(node)) is not None:
             events.append(("scale", factor[1]))
             node = factor[0]
-        elif is_op(node, aten.mul, aten.div):
+        elif is_op(node, *_MUL, *_DIV):
             raise NotFusable(f"the scores are scaled by a tensor ({node.name}), not a scalar")
-        elif is_op(node, aten.add):
+        elif is_op(node, *_ADD):
             if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
                 raise NotFusable("add with alpha")
             a, b = node.args
@@ -213,17 +224,17 @@ def _walk_scores(x: fx.Node) -> tuple[list, fx.Node]:
             chain, other = (a, b) if _leads_to_scores(a) else (b, a)
             events.append(("bias", other, node))
             node = chain
-        elif is_op(node, aten.masked_fill):
-            value = _fill_value(node.args[2])
+        elif is_op(node, *_MASKED_FILL):
+            value = _fill_value(node.args[2], dtype(node))
             events.append(("fill", node.args[1], True, value, node))
             node = node.args[0]
         elif is_op(node, aten.where):
             cond, a, b = node.args
             if _leads_to_scores(a):
-                events.append(("fill", cond, False, _fill_value(b), node))
+                events.append(("fill", cond, False, _fill_value(b, dtype(node)), node))
                 node = a
             else:
-                events.append(("fill", cond, True, _fill_value(a), node))
+                events.append(("fill", cond, True, _fill_value(a, dtype(node)), node))
                 node = b
         else:
             raise NotFusable(f"{node.target} between Q·Kᵀ and softmax is not understood")
@@ -231,13 +242,15 @@ def _walk_scores(x: fx.Node) -> tuple[list, fx.Node]:
     return events, node
 
 
-def _fill_value(arg: Any) -> float:
+def _fill_value(arg: Any, scores_dtype: torch.dtype) -> float:
+    """The constant masked scores become, as stored in the scores' dtype (a float32 finfo.min
+    written into bfloat16 scores is -inf)."""
     value = python_scalar(arg)
     if value is None and isinstance(arg, fx.Node) and is_op(arg, aten.scalar_tensor, aten.full) and shape(arg) == ():
         value = python_scalar(arg.args[0] if is_op(arg, aten.scalar_tensor) else arg.args[1])
     if value is None:
         raise NotFusable("masked scores are filled with a tensor, not a constant")
-    return value
+    return round_to(value, scores_dtype)
 
 
 def _softcap(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
@@ -279,7 +292,7 @@ def _walk_probs(softmax: fx.Node) -> fx.Node:
 
 
 def _peel_scales(node: fx.Node, site: _Site) -> fx.Node:
-    while (factor := _scalar_factor(node)) is not None:
+    while node not in site.mutated and (factor := _scalar_factor(node)) is not None:
         site.scale.append(factor[1])
         node = factor[0]
     return node
@@ -310,7 +323,7 @@ def _read_qk(site: _Site) -> None:
         raise NotFusable("Q·Kᵀ has a 1-D operand")
     a = _peel_scales(a, site)
     b = _peel_scales(b, site)
-    if _is_last_transpose(b):
+    if _is_last_transpose(b) and b not in site.mutated:
         site.k = _Operand(_peel_scales(b.args[0], site))
     else:
         site.k = _Operand(b, transpose_last=True)
@@ -377,6 +390,7 @@ def _fold_events(site: _Site, events: list) -> None:
     stage = 0  # 0: scaling allowed, 1: after softcap, 2: after a bias or fill
     layout = site.qk  # the node whose shape is the scores' layout at this point of the chain
     seen_fill = False
+    biases_left = sum(e[0] == "bias" for e in events)
     for event in events:
         kind = event[0]
         if kind == "view":
@@ -399,10 +413,13 @@ def _fold_events(site: _Site, events: list) -> None:
         elif shape(site.batch_view) != shape(layout):
             raise NotFusable("masks are applied at two different batch layouts of the scores")
         stage = 2
+        if event[1] in writes_between(event[-1], site.pv):
+            raise NotFusable(f"{event[1].name} is modified in place after the scores read it")
         if kind == "bias":
             if seen_fill and site.fill != float("-inf"):
                 raise NotFusable("a bias is added after the scores were filled with a finite value")
-            _add_bias(site, event[1], event[2], shape(layout))
+            biases_left -= 1
+            _add_bias(site, event[1], event[2], shape(layout), later_biases=biases_left)
         else:
             seen_fill = True
             _add_fill(site, event[1], event[2], event[3], shape(layout))
@@ -451,12 +468,17 @@ def _lift_band(site: _Site, hidden_set, dense: tuple, hidden_is_complement: bool
     return True
 
 
-def _add_bias(site: _Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple) -> None:
-    lifted, _ = lift_hidden_set(bias, scores_shape)
+def _add_bias(site: _Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple, later_biases: int) -> None:
+    """An additive tensor: a lifted band when it only hides keys, a dense bias otherwise.
+
+    ``s + v`` equals the op's "replace by v" when v is -inf, or a finite v so negative that it
+    absorbs the score — and no bias is added afterwards (``s + v + b`` is not ``v``).
+    """
+    lifted, _ = lift_hidden_set(bias, scores_shape, site.mutated)
     if lifted is not None and 0 in (lifted.inside, lifted.outside) and lifted.inside != lifted.outside:
-        value = lifted.outside if lifted.inside == 0 else lifted.inside
+        value = round_to(lifted.outside if lifted.inside == 0 else lifted.inside, dtype(add_node))
         absorbing = value == float("-inf") or (
-            isinstance(value, float) and value <= _ABSORBING and dtype(add_node) in (torch.float32, torch.bfloat16)
+            value <= _ABSORBING and dtype(add_node) in (torch.float32, torch.bfloat16) and not later_biases
         )
         # value sits outside (where ∧ dense) when inside == 0: hidden is the complement
         if absorbing and _lift_band(site, lifted.where, lifted.dense, lifted.inside == 0, value, scores_shape):
@@ -469,7 +491,7 @@ def _add_bias(site: _Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple
 def _add_fill(site: _Site, cond: fx.Node, hidden_where_true: bool, value: float, scores_shape: tuple) -> None:
     if dtype(cond) != torch.bool:
         raise NotFusable("masked_fill/where with a non-bool condition")
-    lifted, _ = lift_hidden_set(cond, scores_shape)
+    lifted, _ = lift_hidden_set(cond, scores_shape, site.mutated)
     if lifted is not None and isinstance(lifted.inside, bool) and lifted.inside != lifted.outside:
         # cond is True on (where ∧ dense) if inside is True, else on its complement
         cond_is_set = lifted.inside
@@ -499,15 +521,20 @@ def _canonical_batch(site: _Site) -> tuple:
     return tuple(shape(ref)[:-2])
 
 
-def _output_flatten(site: _Site) -> bool:
-    """Whether the op's ``[B, H, ...]`` output must be flattened to P·V's ``[B*H, ...]``."""
+def _output_layout(site: _Site) -> Optional[Union[str, list]]:
+    """How the op's ``[B, H, Sq, Dv]`` output becomes P·V's: None (as is), ``"flatten"``
+    (``[B*H, ...]``) or a static shape to reshape to."""
     batch = _canonical_batch(site)
     probs = site.pv.args[1][0] if is_op(site.pv, aten.einsum) else site.pv.args[0]
     have = tuple(shape(probs)[:-2])
     if have == batch:
-        return False
-    if len(have) == 1 and len(batch) == 2 and site.out_permute is None:
-        return True
+        return None
+    if site.out_permute is None:
+        if len(have) == 1 and len(batch) == 2:
+            return "flatten"
+        out_shape = shape(site.pv)
+        if all(isinstance(d, int) for d in (*have, *batch, *out_shape)) and math.prod(have) == math.prod(batch):
+            return list(out_shape)
     raise NotFusable(f"the probabilities have batch dims {have}, the masked scores {batch}")
 
 
@@ -520,13 +547,28 @@ def _batch_sizes(graph: fx.Graph, site: _Site) -> list:
         sizes = list(site.batch_view.args[1])[: len(batch)]
         if all(isinstance(s, (int, fx.Node)) for s in sizes) and -1 not in sizes:
             return sizes
-    q_node = site.q.node
-    if len(shape(q_node)) == len(batch) + 2 and site.q.permute is None:
-        return [graph.call_function(aten.sym_size.int, (q_node, i)) for i in range(len(batch))]
+    q_node, perm = site.q.node, site.q.permute or list(range(len(shape(site.q.node))))
+    if tuple(_operand_batch(site.q)) == batch:
+        return [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (q_node, perm[i]))
+                for i, d in enumerate(batch)]
     raise NotFusable("symbolic batch sizes that cannot be recovered")
 
 
-def _emit_operand(graph: fx.Graph, op: _Operand, site: _Site, sizes: list, role: str) -> fx.Node:
+def _kv_heads(op: _Operand, site: _Site) -> Any:
+    """Key/value heads the op would receive for ``op`` if grouping is allowed."""
+    batch = _canonical_batch(site)
+    undone = _undo_repeat_kv(op, batch, site.mutated)
+    if undone is not None:
+        return shape(undone)[1]
+    node_batch = _operand_batch(op)
+    if len(node_batch) == len(batch) == 2 and node_batch[0] == batch[0] and node_batch[1] == 1:
+        return 1
+    return batch[-1] if batch else 1
+
+
+def _emit_operand(graph: fx.Graph, op: _Operand, site: _Site, sizes: list, role: str, grouped: bool = True) -> fx.Node:
+    """The operand in the op's ``[B, H, S, D]`` layout. With ``grouped``, K/V keep fewer heads
+    (GQA undone, MQA broadcast kept); K and V must then agree, which the caller checks."""
     node = op.node
     if op.permute is not None:
         node = graph.call_function(aten.permute.default, (node, op.permute))
@@ -535,11 +577,12 @@ def _emit_operand(graph: fx.Graph, op: _Operand, site: _Site, sizes: list, role:
     batch = _canonical_batch(site)
     node_batch = _operand_batch(op)
     if role != "q":
-        undone = _undo_repeat_kv(op, batch)
+        undone = _undo_repeat_kv(op, batch, site.mutated) if grouped else None
         if undone is not None:
             return undone
         if len(node_batch) == len(batch) == 2 and node_batch[0] == batch[0] and node_batch[1] == 1:
-            pass  # MQA by broadcasting: one key/value head
+            if not grouped:  # one head broadcast by matmul: expand it (a view) to every head
+                node = graph.call_function(aten.expand.default, (node, list(sizes) + [-1, -1]))
         elif tuple(node_batch) != batch:
             node = _reshape_batch(graph, node, node_batch, batch, sizes, role)
     elif tuple(node_batch) != batch:
@@ -563,9 +606,9 @@ def _reshape_batch(graph, node, have: tuple, want: tuple, sizes: list, role: str
     return graph.call_function(aten.reshape.default, (node, list(sizes) + last))
 
 
-def _undo_repeat_kv(op: _Operand, batch: tuple) -> Optional[fx.Node]:
+def _undo_repeat_kv(op: _Operand, batch: tuple, mutated: frozenset) -> Optional[fx.Node]:
     """``repeat_kv(x, n)`` (unsqueeze → expand → reshape) or ``repeat_interleave(x, n, 1)`` → x."""
-    if op.permute is not None or op.transpose_last or len(batch) != 2:
+    if op.permute is not None or op.transpose_last or len(batch) != 2 or op.node in mutated:
         return None
     node = op.node
     if is_op(node, aten.repeat_interleave) and len(node.args) >= 3 and node.args[2] in (1, -3):
@@ -574,9 +617,15 @@ def _undo_repeat_kv(op: _Operand, batch: tuple) -> Optional[fx.Node]:
     if not is_op(node, aten.reshape, aten.view, aten._unsafe_view):
         return None
     expand = node.args[0]
-    if not is_op(expand, aten.expand) or not is_op(expand.args[0], aten.unsqueeze):
+    if not is_op(expand, aten.expand):
         return None
     unsq = expand.args[0]
+    skipped = []
+    while _is_full_slice(unsq):  # x[:, :, None, :, :] under dynamic shapes adds no-op slices
+        skipped.append(unsq)
+        unsq = unsq.args[0]
+    if not is_op(unsq, aten.unsqueeze) or set(skipped) & mutated:
+        return None
     src = unsq.args[0]
     if len(shape(src) or ()) != 4 or normalize_dim(unsq.args[1], 5) != 2:
         return None
@@ -584,7 +633,17 @@ def _undo_repeat_kv(op: _Operand, batch: tuple) -> Optional[fx.Node]:
     b, hkv, s, d = shape(src)
     if len(e) != 5 or (e[0], e[1], e[3], e[4]) != (b, hkv, s, d) or shape(node) != (b, hkv * e[2], s, d):
         return None
-    return src
+    return None if {src, unsq, expand} & mutated else src
+
+
+def _is_full_slice(node: Any) -> bool:
+    """``x[:, ..., :]`` along one dim: start 0, step 1, end at or past the dim's size."""
+    if not is_op(node, aten.slice):
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    dim, start, end, step = args[1] or 0, args[2] or 0, args[3], args[4] or 1
+    size = shape(node.args[0])[dim]
+    return start == 0 and step == 1 and (end is None or end >= 2**62 or end == size)
 
 
 def _emit_scale(graph: fx.Graph, site: _Site) -> Scalar:
@@ -600,7 +659,7 @@ def _emit_scale(graph: fx.Graph, site: _Site) -> Scalar:
 
 def _rewrite(graph: fx.Graph, site: _Site, config: FastAttentionConfig) -> None:
     pv = site.pv
-    flatten_out = _output_flatten(site)
+    out_layout = _output_layout(site)
     batch = _canonical_batch(site)
     in_dtypes = [dtype(op.node) for op in (site.q, site.k, site.v)]
     op_dtype = in_dtypes[0]
@@ -608,7 +667,9 @@ def _rewrite(graph: fx.Graph, site: _Site, config: FastAttentionConfig) -> None:
         op_dtype = torch.promote_types(op_dtype, d)
     with graph.inserting_before(pv):
         sizes = _batch_sizes(graph, site)
-        q, k, v = (_emit_operand(graph, op, site, sizes, role) for op, role in ((site.q, "q"), (site.k, "k"), (site.v, "v")))
+        grouped = _kv_heads(site.k, site) == _kv_heads(site.v, site)
+        q, k, v = (_emit_operand(graph, op, site, sizes, role, grouped)
+                   for op, role in ((site.q, "q"), (site.k, "k"), (site.v, "v")))
         if len(set(in_dtypes)) > 1:
             q, k, v = (graph.call_function(aten.to.dtype, (t, op_dtype)) for t in (q, k, v))
         bias = _combine(graph, [_to_4d(graph, b) for b in site.biases], aten.add.Tensor)
@@ -628,8 +689,10 @@ def _rewrite(graph: fx.Graph, site: _Site, config: FastAttentionConfig) -> None:
         out = graph.call_function(operator.getitem, (op, 0))
         for _ in range(2 - len(batch)):
             out = graph.call_function(aten.squeeze.dim, (out, 0))
-        if flatten_out:
+        if out_layout == "flatten":
             out = graph.call_function(aten.flatten.using_ints, (out, 0, 1))
+        elif out_layout is not None:
+            out = graph.call_function(aten.reshape.default, (out, out_layout))
         if site.out_permute is not None:
             out = graph.call_function(aten.permute.default, (out, site.out_permute))
         if dtype(pv) != op_dtype:

@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from fa_dynamo.passes.matching import aten, is_op, normalize_dim, python_scalar, shape, val
+from fa_dynamo.passes.matching import aten, is_op, normalize_dim, python_scalar, round_to, shape, val
 
 
 _CONSTANTS = (aten.full, aten.ones, aten.zeros, aten.scalar_tensor, aten.new_full, aten.new_ones, aten.new_zeros)
@@ -89,6 +89,7 @@ class Affine:
     terms: tuple  # ((pos_from_end, coef), ...)
     const: Offset
     rank: int
+    extents: tuple = ()  # ((pos_from_end, length of the arange along it), ...)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class LiftedMask:
 
 @dataclass
 class _Interpreter:
+    mutated: frozenset = frozenset()
     memo: dict = field(default_factory=dict)
 
     def value(self, arg: Any) -> Any:
@@ -161,9 +163,22 @@ class _Interpreter:
             if isinstance(arg, (bool, int, float)):
                 return arg
             raise _NotLiftable(f"argument {arg!r}")
+        if arg in self.mutated:
+            raise _NotLiftable(f"{arg.name} is modified in place")
         if arg not in self.memo:
-            self.memo[arg] = self._eval(arg)
+            value = self._eval(arg)
+            _check_extent(arg, value)
+            self.memo[arg] = value
         return self.memo[arg]
+
+    def spanning(self, arg: Any, out: fx.Node) -> Any:
+        """``value(arg)`` used to compute ``out``: a mask over ``j - i`` may not be broadcast
+        from a size-1 row or column (it would then no longer depend on that index)."""
+        x = self.value(arg)
+        if isinstance(x, Select) and (x.where != Interval() or x.dense) and isinstance(arg, fx.Node):
+            if tuple(shape(arg)[-2:]) != tuple(shape(out)[-2:]):
+                raise _NotLiftable("a mask row or column broadcast across the query/key dims")
+        return x
 
     def _eval(self, n: fx.Node) -> Any:
         if isinstance(val(n), torch.SymInt):
@@ -175,8 +190,10 @@ class _Interpreter:
             fill = {aten.ones: 1, aten.zeros: 0, aten.new_ones: 1, aten.new_zeros: 0}.get(packet)
             if fill is None:
                 fill = n.args[{aten.scalar_tensor: 0, aten.full: 1, aten.new_full: 2}[packet]]
-            if n.kwargs.get("dtype") == torch.bool:
+            if val(n).dtype == torch.bool:
                 fill = bool(fill)
+            elif val(n).dtype.is_floating_point:
+                fill = round_to(float(fill), val(n).dtype)
             return Select(Interval(), fill, fill, len(shape(n)))
         if is_op(n, aten.triu, aten.tril):
             return self._triangle(n)
@@ -212,22 +229,26 @@ class _Interpreter:
         start_off = Offset.of(start)
         if step != 1 or start_off is None:
             raise _NotLiftable("arange with a step or a non-integer start")
-        return Affine(((-1, 1),), start_off, 1)
+        return Affine(((-1, 1),), start_off, 1, ((-1, shape(n)[0]),))
 
     def _unsqueeze(self, x: Any, dim: int) -> Any:
         if isinstance(x, Select):
-            if x.dense and normalize_dim(dim, x.rank + 1) != 0:
+            d = normalize_dim(dim, x.rank + 1)
+            if d >= x.rank - 1 and (x.where != Interval() or x.dense):
+                raise _NotLiftable("unsqueeze moves the query/key axes of a mask")
+            if x.dense and d != 0:
                 raise _NotLiftable("unsqueeze inside a mask with a data-dependent term")
             return replace(x, rank=x.rank + 1)
         if not isinstance(x, Affine):
             raise _NotLiftable("unsqueeze of a non-index value")
         new_rank = x.rank + 1
         d = normalize_dim(dim, new_rank)
-        terms = tuple((p if x.rank + p >= d else p - 1, c) for p, c in x.terms)
-        return Affine(terms, x.const, new_rank)
+        move = lambda p: p if x.rank + p >= d else p - 1  # noqa: E731
+        terms = tuple((move(p), c) for p, c in x.terms)
+        return Affine(terms, x.const, new_rank, tuple((move(p), n) for p, n in x.extents))
 
     def _reshape(self, n: fx.Node) -> Any:
-        x = self.value(n.args[0])
+        x = self.spanning(n.args[0], n) if is_op(n, aten.expand) else self.value(n.args[0])
         if is_op(n, aten.clone, aten.contiguous):
             return x
         before, after = shape(n.args[0]), shape(n)
@@ -243,7 +264,12 @@ class _Interpreter:
 
     def _cast(self, x: Any, dtype: torch.dtype) -> Any:
         if isinstance(x, Select):
-            conv = bool if dtype == torch.bool else (float if dtype.is_floating_point else int)
+            if dtype == torch.bool:
+                conv = bool
+            elif dtype.is_floating_point:
+                conv = lambda v: round_to(float(v), dtype)  # noqa: E731  (finfo(f32).min → bf16 is -inf)
+            else:
+                conv = int
             return replace(x, inside=conv(x.inside), outside=conv(x.outside))
         return x
 
@@ -278,7 +304,8 @@ class _Interpreter:
         coefs: dict = dict(a.terms)
         for p, c in b.terms:
             coefs[p] = coefs.get(p, 0) + sign * c
-        return Affine(tuple((p, c) for p, c in coefs.items() if c), a.const + b.const.scaled(sign), max(a.rank, b.rank))
+        return Affine(tuple((p, c) for p, c in coefs.items() if c), a.const + b.const.scaled(sign),
+                      max(a.rank, b.rank), a.extents + b.extents)
 
     @staticmethod
     def _affine(x: Any) -> Optional[Affine]:
@@ -289,7 +316,7 @@ class _Interpreter:
 
     # --- comparisons and boolean algebra ------------------------------------------------------
     def _compare(self, n: fx.Node) -> Select:
-        a, b = self.value(n.args[0]), self.value(n.args[1])
+        a, b = self.spanning(n.args[0], n), self.value(n.args[1])
         op = n.target.overloadpacket
         if isinstance(a, Select) and op in (aten.eq, aten.ne):
             return self._compare_select(a, b, op)
@@ -351,16 +378,16 @@ class _Interpreter:
 
     def _logic(self, n: fx.Node) -> Select:
         if is_op(n, *_OR):  # a | b = ~(~a & ~b)
-            a, b = self.value(n.args[0]), self.value(n.args[1])
+            a, b = self.spanning(n.args[0], n), self.spanning(n.args[1], n)
             where = _intersect(self._as_set(a).invert(), self._as_set(b).invert()).invert()
             return Select(where, True, False, max(a.rank, b.rank))
-        (wa, da), (wb, db) = (self._conjunct(arg) for arg in n.args[:2])
+        (wa, da), (wb, db) = (self._conjunct(arg, n) for arg in n.args[:2])
         return Select(_intersect(wa, wb), True, False, len(shape(n)), da + db)
 
-    def _conjunct(self, arg: Any) -> tuple[Interval, tuple]:
+    def _conjunct(self, arg: Any, out: fx.Node) -> tuple[Interval, tuple]:
         """One side of an AND; a boolean term the lifter cannot read stays as a dense factor."""
         try:
-            return self._as_bool(self.value(arg))
+            return self._as_bool(self.spanning(arg, out))
         except _NotLiftable:
             if isinstance(arg, fx.Node) and isinstance(val(arg), torch.Tensor) and val(arg).dtype == torch.bool:
                 return Interval(), (arg,)
@@ -376,12 +403,12 @@ class _Interpreter:
         return Select(where, x.inside, zero, x.rank)
 
     def _where(self, n: fx.Node) -> Select:
-        cond, dense = self._as_bool(self.value(n.args[0]))
+        cond, dense = self._as_bool(self.spanning(n.args[0], n))
         a, b = self._constant(self.value(n.args[1])), self._constant(self.value(n.args[2]))
         return Select(cond, a, b, len(shape(n)), dense)
 
     def _masked_fill(self, n: fx.Node) -> Select:
-        cond, dense = self._as_bool(self.value(n.args[1]))
+        cond, dense = self._as_bool(self.spanning(n.args[1], n))
         base = self._constant(self.value(n.args[0]))
         return Select(cond, self._constant(self.value(n.args[2])), base, len(shape(n)), dense)
 
@@ -394,7 +421,20 @@ class _Interpreter:
         raise _NotLiftable("a value that is not constant")
 
 
-def lift_hidden_set(mask_node: fx.Node, scores_shape: tuple) -> tuple[Optional[Select], str]:
+def _check_extent(node: fx.Node, value: Any) -> None:
+    """``Affine`` terms are exact row/column indices only over the arange they came from."""
+    node_shape = shape(node)
+    if node_shape is None:
+        return
+    if isinstance(value, Affine):
+        for pos, length in value.extents:
+            if len(node_shape) < -pos or node_shape[pos] != length:
+                raise _NotLiftable("an index broadcast across the query/key dims")
+
+
+def lift_hidden_set(
+    mask_node: fx.Node, scores_shape: tuple, mutated: frozenset = frozenset()
+) -> tuple[Optional[Select], str]:
     """Interpret ``mask_node`` abstractly; ``(Select, "")`` or ``(None, reason)``.
 
     The mask must line up with the scores: its last two dims equal the scores' (query, key)
@@ -405,7 +445,7 @@ def lift_hidden_set(mask_node: fx.Node, scores_shape: tuple) -> tuple[Optional[S
     if mshape is None or len(mshape) < 2 or tuple(mshape[-2:]) != tuple(scores_shape[-2:]):
         return None, "the mask does not have the scores' query/key shape"
     try:
-        value = _Interpreter().value(mask_node)
+        value = _Interpreter(mutated).value(mask_node)
     except _NotLiftable as e:
         return None, str(e)
     if not isinstance(value, Select):

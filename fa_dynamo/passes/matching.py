@@ -85,3 +85,59 @@ def describe(node: fx.Node) -> str:
     path, _, rest = last.removeprefix("File ").partition(", line ")
     line = rest.split(",")[0]
     return f"{node.name} ({path.strip(chr(34)).split('/')[-1]}:{line})"
+
+
+def _is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "is_view", False)
+
+
+def _written_by(node: fx.Node) -> list[fx.Node]:
+    """The base nodes an in-place op writes (views walked back to their base)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None or not schema.is_mutable:
+        return []
+    bases = []
+    for arg, value in zip(schema.arguments, node.args):
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
+            while _is_view(value):
+                value = value.args[0]
+            bases.append(value)
+    return bases
+
+
+def _with_views(bases: set[fx.Node]) -> set[fx.Node]:
+    tainted: set[fx.Node] = set()
+    stack = list(bases)
+    while stack:
+        n = stack.pop()
+        if n in tainted:
+            continue
+        tainted.add(n)
+        stack.extend(u for u in n.users if _is_view(u))
+    return tainted
+
+
+def mutated_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose storage some op writes in place, with every view of that storage.
+
+    A pass that reads such a node anywhere but where the original graph read it (a peeled
+    operand, a mask it interprets) could see the wrong version of the data, so it must not.
+    """
+    return _with_views({b for node in graph.nodes for b in _written_by(node)})
+
+
+def writes_between(first: fx.Node, last: fx.Node) -> set[fx.Node]:
+    """Nodes (with their views) written in place by ops strictly between two nodes."""
+    writes: set[fx.Node] = set()
+    node = first.next
+    while node is not last and node.op != "root":
+        writes.update(_written_by(node))
+        node = node.next
+    return _with_views(writes)
+
+
+def round_to(value: float, dtype: Optional[torch.dtype]) -> float:
+    """``value`` as stored in a tensor of ``dtype`` (overflow gives ±inf, as in eager)."""
+    if dtype is None or not dtype.is_floating_point:
+        return value
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))

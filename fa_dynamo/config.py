@@ -19,6 +19,7 @@ ENV_PREFIX = "FA_DYNAMO_"
 KERNELS = ("auto", "cpu", "triton", "npu", "sdpa", "reference")
 INNER_COMPILERS = ("inductor", "eager")
 OFFLOAD_MODES = ("off", "auto", "on")
+OFFLOAD_STRATEGIES = ("auto", "host", "stream")
 LOG_LEVELS = ("warning", "info", "debug")
 
 
@@ -33,7 +34,7 @@ class FastAttentionConfig:
     allreduce: bool = True
     """Run the tiling-AllReduce pass (a no-op until that pass ships; see README)."""
     offload: str = "off"
-    """CPU-offload of long KV caches: off / auto / on (a no-op until that pass ships)."""
+    """CPU-offload of K/V kept in host memory: off / auto / on."""
     kernel: str = "auto"
     """Attention kernel: auto picks by device; cpu / triton / npu / sdpa / reference force one."""
     inner: str = "inductor"
@@ -49,14 +50,20 @@ class FastAttentionConfig:
     allreduce_chunks: int = 0
     """Chunks per tiled all_reduce; 0 lets the cost model choose."""
     offload_budget_mb: int = 0
-    """Device memory budget for KV under offload=auto, in MiB; 0 means no budget."""
+    """Device memory for one attention site's K+V under offload, in MiB; 0: no budget
+    (auto offloads nothing, on keeps every host key on the host)."""
+    offload_strategy: str = "auto"
+    """How offloaded attention serves its host share: auto (cost model) / host (host cores) / stream (blocks to the device)."""
+    offload_stage_mb: int = 0
+    """Size of one host→device staging block (K and V) under offload, in MiB; 0: 32 MiB."""
 
     def __post_init__(self) -> None:
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("inner", self.inner, INNER_COMPILERS)
         _check_choice("offload", self.offload, OFFLOAD_MODES)
         _check_choice("log", self.log, LOG_LEVELS)
-        for name, low in (("block_q", 1), ("block_k", 1), ("allreduce_chunks", 0), ("offload_budget_mb", 0)):
+        _check_choice("offload_strategy", self.offload_strategy, OFFLOAD_STRATEGIES)
+        for name, low in (("block_q", 1), ("block_k", 1), ("allreduce_chunks", 0), ("offload_budget_mb", 0), ("offload_stage_mb", 0)):
             if getattr(self, name) < low:
                 raise ValueError(
                     f"{_describe(name)} must be an integer >= {low}, got {getattr(self, name)}"

@@ -175,11 +175,20 @@ def attention_cpu(
     return out, lse
 
 
-def _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q) -> None:
-    """Overwrite, with the reference, rows whose masked scores are not negligible (in place)."""
+def unserved_rows(
+    lse: torch.Tensor, fill: float, mask: Optional[torch.Tensor], band: Band, num_keys: int
+) -> torch.Tensor:
+    """Bool ``[B, H, Sq]``: rows a fast kernel (masked scores dropped, ``lse`` from what it saw)
+    cannot serve exactly — no visible key, or a finite fill value that is not negligible."""
     unserved = torch.isneginf(lse)
     if math.isfinite(fill) and (mask is not None or not band.is_unbounded):
-        unserved |= fill > lse + (_NEGLIGIBLE_LOG - math.log(k.shape[2]))
+        unserved |= fill > lse + (_NEGLIGIBLE_LOG - math.log(num_keys))
+    return unserved
+
+
+def _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q) -> None:
+    """Overwrite, with the reference, rows whose masked scores are not negligible (in place)."""
+    unserved = unserved_rows(lse, fill, mask, band, k.shape[2])
     rows = unserved.any(dim=0).any(dim=0).nonzero().flatten()
     for start in range(0, rows.numel(), block_q):
         idx = rows[start : start + block_q]

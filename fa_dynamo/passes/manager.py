@@ -14,10 +14,11 @@ import torch.fx as fx
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.attention import AttentionPass
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
+from fa_dynamo.passes.offload import OffloadPass
 
 log = logging.getLogger("fa_dynamo")
 
-PASSES: list[GraphPass] = [AttentionPass()]
+PASSES: list[GraphPass] = [AttentionPass(), OffloadPass()]
 """The pass order. New passes (allreduce, offload) are appended here as they ship."""
 
 

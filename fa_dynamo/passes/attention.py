@@ -84,6 +84,7 @@ class _Site:
     batch_view: Optional[fx.Node] = None  # a chain view that fixes the canonical batch dims
     lifted: int = 0
     mutated: frozenset = frozenset()  # nodes written in place somewhere: never read around them
+    relayout: set = field(default_factory=set)  # biases to reshape to the op's batch layout
 
 
 class AttentionReport(PassReport):
@@ -140,6 +141,11 @@ def _match(softmax: fx.Node, mutated: frozenset) -> _Site:
     if rank < 2 or normalize_dim(softmax.args[1], rank) != rank - 1:
         raise NotFusable("softmax is not over the last dim")
     events, qk = _walk_scores(x)
+    if is_op(qk, aten.baddbmm):  # beta * bias + alpha * (q @ kᵀ)
+        beta, alpha = qk.kwargs.get("beta", 1), qk.kwargs.get("alpha", 1)
+        if beta not in (0, 1) or python_scalar(alpha) is None:
+            raise NotFusable(f"baddbmm with beta={beta}, alpha={alpha}")
+        events = [("scale", (alpha, 1))] + ([("bias", qk.args[0], qk)] if beta == 1 else []) + events
     pv = _walk_probs(softmax)
     site = _Site(softmax, qk, pv, mutated=mutated)
     _read_qk(site)
@@ -154,10 +160,15 @@ def _is_scores_matmul(node: Any) -> bool:
     return is_op(node, *_MATMULS) and not (is_op(node, aten.einsum) and len(node.args[1]) != 2)
 
 
+def _is_qk_matmul(node: Any) -> bool:
+    """Q·Kᵀ may also be ``baddbmm(bias, q, kᵀ, beta=, alpha=)`` (BLOOM's ALiBi)."""
+    return _is_scores_matmul(node) or is_op(node, aten.baddbmm)
+
+
 def _leads_to_scores(node: Any, depth: int = 24) -> bool:
     """Whether walking back through score-chain ops reaches a matmul (picks the chain operand)."""
     while depth > 0 and isinstance(node, fx.Node):
-        if _is_scores_matmul(node):
+        if _is_qk_matmul(node):
             return True
         if not is_op(node, *_CASTS, *_IDENTITIES, *_VIEWS, *_MUL, *_DIV, *_ADD, *_MASKED_FILL, aten.tanh, aten.where):
             return False
@@ -192,7 +203,7 @@ def _walk_scores(x: fx.Node) -> tuple[list, fx.Node]:
     while True:
         if len(node.users) != 1:
             raise NotFusable(f"the scores ({node.name}) are also used outside the attention")
-        if _is_scores_matmul(node):
+        if _is_qk_matmul(node):
             break
         if is_op(node, *_CASTS):
             if not (dtype(node) and dtype(node).is_floating_point):
@@ -318,7 +329,7 @@ def _read_qk(site: _Site) -> None:
         site.q = _Operand(_peel_scales(a, site), q_perm)
         site.k = _Operand(_peel_scales(b, site), k_perm)
         return
-    a, b = mm.args[0], mm.args[1]
+    a, b = (mm.args[1], mm.args[2]) if is_op(mm, aten.baddbmm) else (mm.args[0], mm.args[1])
     if len(shape(a)) < 2 or len(shape(b)) < 2:
         raise NotFusable("Q·Kᵀ has a 1-D operand")
     a = _peel_scales(a, site)
@@ -388,6 +399,7 @@ def _einsum_layout(equation: str, first_is_probs: bool):
 def _fold_events(site: _Site, events: list) -> None:
     """Check the chain is ``scale* → softcap? → (bias | fill)*`` and collect the pieces."""
     stage = 0  # 0: scaling allowed, 1: after softcap, 2: after a bias or fill
+    site.batch_view = _mask_layout(site.qk, events)
     layout = site.qk  # the node whose shape is the scores' layout at this point of the chain
     seen_fill = False
     biases_left = sum(e[0] == "bias" for e in events)
@@ -408,10 +420,8 @@ def _fold_events(site: _Site, events: list) -> None:
             continue
         if len(shape(layout)) > 4:
             raise NotFusable("scores with more than two batch dims")
-        if site.batch_view is None:
-            site.batch_view = layout
-        elif shape(site.batch_view) != shape(layout):
-            raise NotFusable("masks are applied at two different batch layouts of the scores")
+        if shape(site.batch_view) != shape(layout):
+            _relayout_bias(site, event, layout)
         stage = 2
         if event[1] in writes_between(event[-1], site.pv):
             raise NotFusable(f"{event[1].name} is modified in place after the scores read it")
@@ -423,6 +433,26 @@ def _fold_events(site: _Site, events: list) -> None:
         else:
             seen_fill = True
             _add_fill(site, event[1], event[2], event[3], shape(layout))
+
+
+def _mask_layout(qk: fx.Node, events: list) -> Optional[fx.Node]:
+    """The scores' layout the op adopts: where masks apply, the one with the most batch dims."""
+    layout, best = qk, None
+    for event in events:
+        if event[0] == "view":
+            layout = event[1]
+        elif event[0] in ("bias", "fill") and (best is None or len(shape(layout)) >= len(shape(best))):
+            best = layout
+    return best
+
+
+def _relayout_bias(site: _Site, event: tuple, layout: fx.Node) -> None:
+    """A bias added at another batch layout (``[B*H, ...]`` vs ``[B, H, ...]``) is reshaped to
+    the op's, which is exact when it spans its layout's batch dims (no broadcasting there)."""
+    bias, have, want = event[1], tuple(shape(layout)[:-2]), tuple(shape(site.batch_view)[:-2])
+    if event[0] != "bias" or tuple(shape(bias)[:-2]) != have or math.prod(have) != math.prod(want):
+        raise NotFusable("masks are applied at two different batch layouts of the scores")
+    site.relayout.add(bias)
 
 
 def _set_fill(site: _Site, value: float) -> None:
@@ -672,7 +702,8 @@ def _rewrite(graph: fx.Graph, site: _Site, config: FastAttentionConfig) -> None:
                    for op, role in ((site.q, "q"), (site.k, "k"), (site.v, "v")))
         if len(set(in_dtypes)) > 1:
             q, k, v = (graph.call_function(aten.to.dtype, (t, op_dtype)) for t in (q, k, v))
-        bias = _combine(graph, [_to_4d(graph, b) for b in site.biases], aten.add.Tensor)
+        bias = _combine(graph, [_relayout(graph, b, sizes) if b in site.relayout else _to_4d(graph, b)
+                                for b in site.biases], aten.add.Tensor)
         hidden = [
             _to_4d(graph, m) if where_true else graph.call_function(aten.bitwise_not.default, (_to_4d(graph, m),))
             for m, where_true in site.masks
@@ -700,8 +731,14 @@ def _rewrite(graph: fx.Graph, site: _Site, config: FastAttentionConfig) -> None:
     pv.replace_all_uses_with(out)
 
 
-def _to_4d(graph: fx.Graph, node: fx.Node) -> fx.Node:
-    for _ in range(4 - len(shape(node))):
+def _relayout(graph: fx.Graph, node: fx.Node, sizes: list) -> fx.Node:
+    last = [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (node, i - 2))
+            for i, d in enumerate(shape(node)[-2:])]
+    return _to_4d(graph, graph.call_function(aten.reshape.default, (node, list(sizes) + last)), len(sizes) + 2)
+
+
+def _to_4d(graph: fx.Graph, node: fx.Node, rank: Optional[int] = None) -> fx.Node:
+    for _ in range(4 - (len(shape(node)) if rank is None else rank)):
         node = graph.call_function(aten.unsqueeze.default, (node, 0))
     return node
 

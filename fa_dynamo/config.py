@@ -32,7 +32,7 @@ class FastAttentionConfig:
     attention: bool = True
     """Run the attention pass (softmax(Q·Kᵀ)·V → fa_dynamo::attention)."""
     allreduce: bool = True
-    """Run the tiling-AllReduce pass (a no-op until that pass ships; see README)."""
+    """Run the tiling-AllReduce pass (row-parallel matmul → chunked matmul + per-chunk all_reduce)."""
     offload: str = "off"
     """CPU-offload of K/V kept in host memory: off / auto / on."""
     kernel: str = "auto"

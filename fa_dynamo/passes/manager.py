@@ -12,13 +12,14 @@ import logging
 import torch.fx as fx
 
 from fa_dynamo.config import FastAttentionConfig
+from fa_dynamo.passes.allreduce import AllReducePass
 from fa_dynamo.passes.attention import AttentionPass
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.offload import OffloadPass
 
 log = logging.getLogger("fa_dynamo")
 
-PASSES: list[GraphPass] = [AttentionPass(), OffloadPass()]
+PASSES: list[GraphPass] = [AttentionPass(), AllReducePass(), OffloadPass()]
 """The pass order. New passes (allreduce, offload) are appended here as they ship."""
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
-import torch
 import torch.fx as fx
 
 from fa_dynamo import kernels as _kernels  # noqa: F401  (registers fa_dynamo::attention)

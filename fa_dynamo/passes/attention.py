@@ -20,17 +20,17 @@ A site with anything not exactly understood is left alone and reported with the 
 from __future__ import annotations
 
 import math
-import operator
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
-from fa_dynamo.passes.mask_lifting import Offset, Select, lift_hidden_set
+from fa_dynamo.passes.attention_rewrite import rewrite
+from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
+from fa_dynamo.passes.score_chain import fold_events
 from fa_dynamo.passes.matching import (
     aten, describe, dtype, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, only_user, python_scalar,
     round_to, shape, val, writes_between,
@@ -44,47 +44,6 @@ _VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squee
 # user, so nothing else sees the scores before or after the write.
 _MUL, _DIV, _ADD = (aten.mul, aten.mul_), (aten.div, aten.div_), (aten.add, aten.add_)
 _MASKED_FILL = (aten.masked_fill, aten.masked_fill_)
-# A finite additive mask value this negative absorbs any score in float32/bfloat16
-# (s + v == v), so adding it is the same as replacing the score by it.
-_ABSORBING = -1e30
-
-
-class NotFusable(Exception):
-    """Raised inside matching with the reason a site is left alone."""
-
-
-Scalar = Union[float, fx.Node]
-
-
-@dataclass
-class _Operand:
-    """A matmul operand in canonical layout ``[*batch, seq, dim]`` plus how to get there."""
-
-    node: fx.Node
-    permute: Optional[list[int]] = None  # applied to ``node`` first
-    transpose_last: bool = False  # then swap the last two dims
-
-
-@dataclass
-class _Site:
-    softmax: fx.Node
-    qk: fx.Node
-    pv: fx.Node
-    q: _Operand = None
-    k: _Operand = None
-    v: _Operand = None
-    out_permute: Optional[list[int]] = None
-    scale: list[tuple[Scalar, int]] = field(default_factory=list)  # (factor, +1 mul / -1 div)
-    softcap: float = 0.0
-    biases: list[fx.Node] = field(default_factory=list)
-    masks: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (bool node, True=hidden where True)
-    fill: Optional[float] = None
-    band_lo: Optional[Offset] = None
-    band_hi: Optional[Offset] = None
-    batch_view: Optional[fx.Node] = None  # a chain view that fixes the canonical batch dims
-    lifted: int = 0
-    mutated: frozenset = frozenset()  # nodes written in place somewhere: never read around them
-    relayout: set = field(default_factory=set)  # biases to reshape to the op's batch layout
 
 
 class AttentionReport(PassReport):
@@ -109,7 +68,7 @@ class AttentionPass(GraphPass):
                 continue
             try:
                 site = _match(softmax, mutated)
-                _rewrite(graph, site, config)
+                rewrite(graph, site, config)
             except NotFusable as e:
                 report.sites.append(SiteReport(describe(softmax), False, str(e)))
                 graph.eliminate_dead_code()  # drop nodes a refused rewrite had started
@@ -118,7 +77,7 @@ class AttentionPass(GraphPass):
             graph.eliminate_dead_code()
 
 
-def _mask_kind(site: _Site) -> str:
+def _mask_kind(site: Site) -> str:
     """A short name for what the op received: causal / window / band / padding / dense / bias."""
     parts = []
     if site.band_lo is not None or site.band_hi is not None:
@@ -135,7 +94,7 @@ def _mask_kind(site: _Site) -> str:
 # --- matching ---------------------------------------------------------------------------------
 
 
-def _match(softmax: fx.Node, mutated: frozenset) -> _Site:
+def _match(softmax: fx.Node, mutated: frozenset) -> Site:
     x = softmax.args[0]
     rank = len(shape(x) or ())
     if rank < 2 or normalize_dim(softmax.args[1], rank) != rank - 1:
@@ -147,12 +106,12 @@ def _match(softmax: fx.Node, mutated: frozenset) -> _Site:
             raise NotFusable(f"baddbmm with beta={beta}, alpha={alpha}")
         events = [("scale", (alpha, 1))] + ([("bias", qk.args[0], qk)] if beta == 1 else []) + events
     pv = _walk_probs(softmax)
-    site = _Site(softmax, qk, pv, mutated=mutated)
+    site = Site(softmax, qk, pv, mutated=mutated)
     _read_qk(site)
     _read_pv(site)
     if {site.q.node, site.k.node} & writes_between(qk, pv):
         raise NotFusable("q or k is modified in place between Q·Kᵀ and P·V")
-    _fold_events(site, events)
+    fold_events(site, events)
     return site
 
 
@@ -276,11 +235,11 @@ def _softcap(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
     inner_c = python_scalar(inner[1][0])
     if inner_c is None or not math.isclose(inner_c ** -inner[1][1], cap, rel_tol=1e-6):
         return None
-    return inner[0], cap
+    return inner[0], abs(cap)  # tanh is odd: tanh(s / -c) * -c == tanh(s / c) * c
 
 
 def _walk_probs(softmax: fx.Node) -> fx.Node:
-    node = softmax
+    node, coarsest = softmax, dtype(softmax)
     while True:
         user = only_user(node)
         if user is None:
@@ -289,7 +248,11 @@ def _walk_probs(softmax: fx.Node) -> fx.Node:
             first = user.args[1][0] if is_op(user, aten.einsum) else user.args[0]
             if first is not node:
                 raise NotFusable("the probabilities are the second matmul operand (P is not multiplied into V)")
+            if torch.finfo(coarsest).eps > torch.finfo(dtype(user)).eps:
+                raise NotFusable(f"the probabilities are rounded to {coarsest} before a {dtype(user)} P·V")
             return user
+        if is_op(user, *_CASTS) and dtype(user).is_floating_point and torch.finfo(dtype(user)).eps > torch.finfo(coarsest).eps:
+            coarsest = dtype(user)
         if is_op(user, aten.dropout):
             p, train = user.args[1], user.args[2] if len(user.args) > 2 else user.kwargs.get("train")
             if train and p:
@@ -302,8 +265,9 @@ def _walk_probs(softmax: fx.Node) -> fx.Node:
         node = user
 
 
-def _peel_scales(node: fx.Node, site: _Site) -> fx.Node:
-    while node not in site.mutated and (factor := _scalar_factor(node)) is not None:
+def _peel_scales(node: fx.Node, site: Site) -> fx.Node:
+    """Fold ``x * c`` into the scale and read ``x`` — unless ``x`` is written in place."""
+    while (factor := _scalar_factor(node)) is not None and not {node, factor[0]} & site.mutated:
         site.scale.append(factor[1])
         node = factor[0]
     return node
@@ -321,34 +285,51 @@ def _is_last_transpose(node: fx.Node) -> bool:
     return False
 
 
-def _read_qk(site: _Site) -> None:
+def _read_qk(site: Site) -> None:
     mm = site.qk
     if is_op(mm, aten.einsum):
-        q_perm, k_perm, _ = _einsum_layout(mm.args[0], first_is_probs=False)
+        q_perm, k_perm, _ = _einsum_layout(_expand_ellipsis(mm), first_is_probs=False)
         a, b = mm.args[1]
-        site.q = _Operand(_peel_scales(a, site), q_perm)
-        site.k = _Operand(_peel_scales(b, site), k_perm)
+        site.q = Operand(_peel_scales(a, site), q_perm)
+        site.k = Operand(_peel_scales(b, site), k_perm)
         return
     a, b = (mm.args[1], mm.args[2]) if is_op(mm, aten.baddbmm) else (mm.args[0], mm.args[1])
     if len(shape(a)) < 2 or len(shape(b)) < 2:
         raise NotFusable("Q·Kᵀ has a 1-D operand")
     a = _peel_scales(a, site)
     b = _peel_scales(b, site)
-    if _is_last_transpose(b) and b not in site.mutated:
-        site.k = _Operand(_peel_scales(b.args[0], site))
+    if _is_last_transpose(b) and not {b, b.args[0]} & site.mutated:
+        site.k = Operand(_peel_scales(b.args[0], site))
     else:
-        site.k = _Operand(b, transpose_last=True)
-    site.q = _Operand(a)
+        site.k = Operand(b, transpose_last=True)
+    site.q = Operand(a)
 
 
-def _read_pv(site: _Site) -> None:
+def _read_pv(site: Site) -> None:
     mm = site.pv
     if is_op(mm, aten.einsum):
-        _, v_perm, out_perm = _einsum_layout(mm.args[0], first_is_probs=True)
-        site.v = _Operand(mm.args[1][1], v_perm)
+        _, v_perm, out_perm = _einsum_layout(_expand_ellipsis(mm), first_is_probs=True)
+        site.v = Operand(mm.args[1][1], v_perm)
         site.out_permute = out_perm
     else:
-        site.v = _Operand(mm.args[1])
+        site.v = Operand(mm.args[1])
+
+
+def _expand_ellipsis(mm: fx.Node) -> str:
+    """An einsum equation with ``...`` spelled out as letters (from the operands' ranks)."""
+    equation = mm.args[0].replace(" ", "")
+    if "..." not in equation:
+        return equation
+    lhs, _, out = equation.partition("->")
+    parts = lhs.split(",")
+    if not out or len(parts) != len(mm.args[1]):
+        return equation
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation]
+    batch = max(len(shape(t)) - (len(p) - 3) for p, t in zip(parts, mm.args[1]) if "..." in p)
+    letters = "".join(spare[:batch])
+    spell = lambda p, t: p.replace("...", letters[batch - (len(shape(t)) - (len(p) - 3)):])  # noqa: E731
+    parts = [spell(p, t) if "..." in p else p for p, t in zip(parts, mm.args[1])]
+    return ",".join(parts) + "->" + out.replace("...", letters)
 
 
 def _einsum_layout(equation: str, first_is_probs: bool):
@@ -391,362 +372,3 @@ def _einsum_layout(equation: str, first_is_probs: bool):
         raise NotFusable(f"einsum {equation!r} is not attention-shaped")
     perm = lambda have, want: None if list(have) == want else [have.index(d) for d in want]  # noqa: E731
     return perm(x, want_x), perm(y, want_y), out_perm
-
-
-# --- folding the score chain into the op's order ------------------------------------------
-
-
-def _fold_events(site: _Site, events: list) -> None:
-    """Check the chain is ``scale* → softcap? → (bias | fill)*`` and collect the pieces."""
-    stage = 0  # 0: scaling allowed, 1: after softcap, 2: after a bias or fill
-    site.batch_view = _mask_layout(site.qk, events)
-    layout = site.qk  # the node whose shape is the scores' layout at this point of the chain
-    seen_fill = False
-    biases_left = sum(e[0] == "bias" for e in events)
-    for event in events:
-        kind = event[0]
-        if kind == "view":
-            layout = event[1]
-            continue
-        if kind == "scale":
-            if stage > 0:
-                raise NotFusable("the scores are scaled after a softcap, bias or mask")
-            site.scale.append(event[1])
-            continue
-        if kind == "softcap":
-            if stage > 0:
-                raise NotFusable("softcap after a bias or mask")
-            site.softcap, stage = event[1], 1
-            continue
-        if len(shape(layout)) > 4:
-            raise NotFusable("scores with more than two batch dims")
-        if shape(site.batch_view) != shape(layout):
-            _relayout_bias(site, event, layout)
-        stage = 2
-        if event[1] in writes_between(event[-1], site.pv):
-            raise NotFusable(f"{event[1].name} is modified in place after the scores read it")
-        if kind == "bias":
-            if seen_fill and site.fill != float("-inf"):
-                raise NotFusable("a bias is added after the scores were filled with a finite value")
-            biases_left -= 1
-            _add_bias(site, event[1], event[2], shape(layout), later_biases=biases_left)
-        else:
-            seen_fill = True
-            _add_fill(site, event[1], event[2], event[3], shape(layout))
-
-
-def _mask_layout(qk: fx.Node, events: list) -> Optional[fx.Node]:
-    """The scores' layout the op adopts: where masks apply, the one with the most batch dims."""
-    layout, best = qk, None
-    for event in events:
-        if event[0] == "view":
-            layout = event[1]
-        elif event[0] in ("bias", "fill") and (best is None or len(shape(layout)) >= len(shape(best))):
-            best = layout
-    return best
-
-
-def _relayout_bias(site: _Site, event: tuple, layout: fx.Node) -> None:
-    """A bias added at another batch layout (``[B*H, ...]`` vs ``[B, H, ...]``) is reshaped to
-    the op's, which is exact when it spans its layout's batch dims (no broadcasting there)."""
-    bias, have, want = event[1], tuple(shape(layout)[:-2]), tuple(shape(site.batch_view)[:-2])
-    if event[0] != "bias" or tuple(shape(bias)[:-2]) != have or math.prod(have) != math.prod(want):
-        raise NotFusable("masks are applied at two different batch layouts of the scores")
-    site.relayout.add(bias)
-
-
-def _set_fill(site: _Site, value: float) -> None:
-    if site.fill is not None and site.fill != value:
-        raise NotFusable(f"two masks fill with different values ({site.fill} and {value})")
-    site.fill = value
-
-
-def _add_band(site: _Site, visible) -> bool:
-    """Intersect the site's band with a lifted visible set; False if it is not one band."""
-    if visible.complement:
-        return False
-    for attr, new, pick in (("band_lo", visible.lo, max), ("band_hi", visible.hi, min)):
-        old = getattr(site, attr)
-        if new is None:
-            continue
-        if old is None or old == new:
-            setattr(site, attr, new)
-        elif old.is_static and new.is_static:
-            setattr(site, attr, Offset(pick(old.const, new.const)))
-        else:
-            return False
-    site.lifted += 1
-    return True
-
-
-def _lift_band(site: _Site, hidden_set, dense: tuple, hidden_is_complement: bool, value: float, scores_shape) -> bool:
-    """Record ``hidden = ~(visible ∧ dense)`` as a band plus dense key masks; False if it is not."""
-    if not hidden_is_complement:
-        if dense:
-            return False
-        visible = hidden_set.invert()
-    else:
-        visible = hidden_set
-    if site.fill is not None and site.fill != value:
-        return False
-    saved = (site.band_lo, site.band_hi, site.lifted)
-    if not _add_band(site, visible):
-        site.band_lo, site.band_hi, site.lifted = saved
-        return False
-    _set_fill(site, float(value))
-    site.masks.extend((_aligned(site, d, scores_shape), False) for d in dense)
-    return True
-
-
-def _add_bias(site: _Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple, later_biases: int) -> None:
-    """An additive tensor: a lifted band when it only hides keys, a dense bias otherwise.
-
-    ``s + v`` equals the op's "replace by v" when v is -inf, or a finite v so negative that it
-    absorbs the score — and no bias is added afterwards (``s + v + b`` is not ``v``).
-    """
-    lifted, _ = lift_hidden_set(bias, scores_shape, site.mutated)
-    if lifted is not None and 0 in (lifted.inside, lifted.outside) and lifted.inside != lifted.outside:
-        value = round_to(lifted.outside if lifted.inside == 0 else lifted.inside, dtype(add_node))
-        absorbing = value == float("-inf") or (
-            value <= _ABSORBING and dtype(add_node) in (torch.float32, torch.bfloat16) and not later_biases
-        )
-        # value sits outside (where ∧ dense) when inside == 0: hidden is the complement
-        if absorbing and _lift_band(site, lifted.where, lifted.dense, lifted.inside == 0, value, scores_shape):
-            return
-    if not dtype(bias) or not dtype(bias).is_floating_point:
-        raise NotFusable(f"a non-float tensor ({bias.name}) is added to the scores")
-    site.biases.append(_aligned(site, bias, scores_shape))
-
-
-def _add_fill(site: _Site, cond: fx.Node, hidden_where_true: bool, value: float, scores_shape: tuple) -> None:
-    if dtype(cond) != torch.bool:
-        raise NotFusable("masked_fill/where with a non-bool condition")
-    lifted, _ = lift_hidden_set(cond, scores_shape, site.mutated)
-    if lifted is not None and isinstance(lifted.inside, bool) and lifted.inside != lifted.outside:
-        # cond is True on (where ∧ dense) if inside is True, else on its complement
-        cond_is_set = lifted.inside
-        if _lift_band(site, lifted.where, lifted.dense, cond_is_set != hidden_where_true, value, scores_shape):
-            return
-    _set_fill(site, value)
-    site.masks.append((_aligned(site, cond, scores_shape), hidden_where_true))
-
-
-def _aligned(site: _Site, tensor: fx.Node, scores_shape: tuple) -> fx.Node:
-    """``tensor`` itself, after checking it broadcasts to the scores without re-tiling."""
-    t_shape = shape(tensor)
-    if t_shape is None or len(t_shape) > len(scores_shape):
-        raise NotFusable(f"{tensor.name} does not broadcast to the scores")
-    for d, s in zip(reversed(t_shape), reversed(scores_shape)):
-        if d != 1 and d != s:
-            raise NotFusable(f"{tensor.name} of shape {tuple(t_shape)} does not broadcast to the scores {tuple(scores_shape)}")
-    return tensor
-
-
-# --- rewriting ----------------------------------------------------------------------------
-
-
-def _canonical_batch(site: _Site) -> tuple:
-    """The op's (B, H) layout: the scores' batch dims where masks apply, else Q·Kᵀ's."""
-    ref = site.batch_view if site.batch_view is not None else site.qk
-    return tuple(shape(ref)[:-2])
-
-
-def _output_layout(site: _Site) -> Optional[Union[str, list]]:
-    """How the op's ``[B, H, Sq, Dv]`` output becomes P·V's: None (as is), ``"flatten"``
-    (``[B*H, ...]``) or a static shape to reshape to."""
-    batch = _canonical_batch(site)
-    probs = site.pv.args[1][0] if is_op(site.pv, aten.einsum) else site.pv.args[0]
-    have = tuple(shape(probs)[:-2])
-    if have == batch:
-        return None
-    if site.out_permute is None:
-        if len(have) == 1 and len(batch) == 2:
-            return "flatten"
-        out_shape = shape(site.pv)
-        if all(isinstance(d, int) for d in (*have, *batch, *out_shape)) and math.prod(have) == math.prod(batch):
-            return list(out_shape)
-    raise NotFusable(f"the probabilities have batch dims {have}, the masked scores {batch}")
-
-
-def _batch_sizes(graph: fx.Graph, site: _Site) -> list:
-    """The canonical batch sizes as graph values (ints, or SymInt nodes that outlive the site)."""
-    batch = _canonical_batch(site)
-    if all(isinstance(d, int) for d in batch):
-        return list(batch)
-    if site.batch_view is not None and is_op(site.batch_view, aten.view, aten.reshape, aten._unsafe_view):
-        sizes = list(site.batch_view.args[1])[: len(batch)]
-        if all(isinstance(s, (int, fx.Node)) for s in sizes) and -1 not in sizes:
-            return sizes
-    q_node, perm = site.q.node, site.q.permute or list(range(len(shape(site.q.node))))
-    if tuple(_operand_batch(site.q)) == batch:
-        return [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (q_node, perm[i]))
-                for i, d in enumerate(batch)]
-    raise NotFusable("symbolic batch sizes that cannot be recovered")
-
-
-def _kv_heads(op: _Operand, site: _Site) -> Any:
-    """Key/value heads the op would receive for ``op`` if grouping is allowed."""
-    batch = _canonical_batch(site)
-    undone = _undo_repeat_kv(op, batch, site.mutated)
-    if undone is not None:
-        return shape(undone)[1]
-    node_batch = _operand_batch(op)
-    if len(node_batch) == len(batch) == 2 and node_batch[0] == batch[0] and node_batch[1] == 1:
-        return 1
-    return batch[-1] if batch else 1
-
-
-def _emit_operand(graph: fx.Graph, op: _Operand, site: _Site, sizes: list, role: str, grouped: bool = True) -> fx.Node:
-    """The operand in the op's ``[B, H, S, D]`` layout. With ``grouped``, K/V keep fewer heads
-    (GQA undone, MQA broadcast kept); K and V must then agree, which the caller checks."""
-    node = op.node
-    if op.permute is not None:
-        node = graph.call_function(aten.permute.default, (node, op.permute))
-    if op.transpose_last:
-        node = graph.call_function(aten.transpose.int, (node, -2, -1))
-    batch = _canonical_batch(site)
-    node_batch = _operand_batch(op)
-    if role != "q":
-        undone = _undo_repeat_kv(op, batch, site.mutated) if grouped else None
-        if undone is not None:
-            return undone
-        if len(node_batch) == len(batch) == 2 and node_batch[0] == batch[0] and node_batch[1] == 1:
-            if not grouped:  # one head broadcast by matmul: expand it (a view) to every head
-                node = graph.call_function(aten.expand.default, (node, list(sizes) + [-1, -1]))
-        elif tuple(node_batch) != batch:
-            node = _reshape_batch(graph, node, node_batch, batch, sizes, role)
-    elif tuple(node_batch) != batch:
-        node = _reshape_batch(graph, node, node_batch, batch, sizes, role)
-    for _ in range(2 - len(batch)):
-        node = graph.call_function(aten.unsqueeze.default, (node, 0))
-    return node
-
-
-def _operand_batch(op: _Operand) -> tuple:
-    s = shape(op.node)
-    if op.permute is not None:
-        s = tuple(s[i] for i in op.permute)
-    return tuple(s[:-2])
-
-
-def _reshape_batch(graph, node, have: tuple, want: tuple, sizes: list, role: str) -> fx.Node:
-    if math.prod(have) != math.prod(want):
-        raise NotFusable(f"{role} has batch dims {have}, the scores {want}")
-    last = [-1, graph.call_function(aten.sym_size.int, (node, -1))]
-    return graph.call_function(aten.reshape.default, (node, list(sizes) + last))
-
-
-def _undo_repeat_kv(op: _Operand, batch: tuple, mutated: frozenset) -> Optional[fx.Node]:
-    """``repeat_kv(x, n)`` (unsqueeze → expand → reshape) or ``repeat_interleave(x, n, 1)`` → x."""
-    if op.permute is not None or op.transpose_last or len(batch) != 2 or op.node in mutated:
-        return None
-    node = op.node
-    if is_op(node, aten.repeat_interleave) and len(node.args) >= 3 and node.args[2] in (1, -3):
-        src = node.args[0]
-        return src if isinstance(node.args[1], int) and len(shape(src)) == 4 else None
-    if not is_op(node, aten.reshape, aten.view, aten._unsafe_view):
-        return None
-    expand = node.args[0]
-    if not is_op(expand, aten.expand):
-        return None
-    unsq = expand.args[0]
-    skipped = []
-    while _is_full_slice(unsq):  # x[:, :, None, :, :] under dynamic shapes adds no-op slices
-        skipped.append(unsq)
-        unsq = unsq.args[0]
-    if not is_op(unsq, aten.unsqueeze) or set(skipped) & mutated:
-        return None
-    src = unsq.args[0]
-    if len(shape(src) or ()) != 4 or normalize_dim(unsq.args[1], 5) != 2:
-        return None
-    e = shape(expand)
-    b, hkv, s, d = shape(src)
-    if len(e) != 5 or (e[0], e[1], e[3], e[4]) != (b, hkv, s, d) or shape(node) != (b, hkv * e[2], s, d):
-        return None
-    return None if {src, unsq, expand} & mutated else src
-
-
-def _is_full_slice(node: Any) -> bool:
-    """``x[:, ..., :]`` along one dim: start 0, step 1, end at or past the dim's size."""
-    if not is_op(node, aten.slice):
-        return False
-    args = list(node.args) + [None] * (5 - len(node.args))
-    dim, start, end, step = args[1] or 0, args[2] or 0, args[3], args[4] or 1
-    size = shape(node.args[0])[dim]
-    return start == 0 and step == 1 and (end is None or end >= 2**62 or end == size)
-
-
-def _emit_scale(graph: fx.Graph, site: _Site) -> Scalar:
-    if not site.scale:
-        return 1.0
-    if all(python_scalar(f) is not None for f, _ in site.scale):
-        return math.prod(python_scalar(f) ** p for f, p in site.scale)
-    result: Scalar = 1.0
-    for f, p in site.scale:
-        result = graph.call_function(operator.mul if p == 1 else operator.truediv, (result, f))
-    return result
-
-
-def _rewrite(graph: fx.Graph, site: _Site, config: FastAttentionConfig) -> None:
-    pv = site.pv
-    out_layout = _output_layout(site)
-    batch = _canonical_batch(site)
-    in_dtypes = [dtype(op.node) for op in (site.q, site.k, site.v)]
-    op_dtype = in_dtypes[0]
-    for d in in_dtypes[1:]:
-        op_dtype = torch.promote_types(op_dtype, d)
-    with graph.inserting_before(pv):
-        sizes = _batch_sizes(graph, site)
-        grouped = _kv_heads(site.k, site) == _kv_heads(site.v, site)
-        q, k, v = (_emit_operand(graph, op, site, sizes, role, grouped)
-                   for op, role in ((site.q, "q"), (site.k, "k"), (site.v, "v")))
-        if len(set(in_dtypes)) > 1:
-            q, k, v = (graph.call_function(aten.to.dtype, (t, op_dtype)) for t in (q, k, v))
-        bias = _combine(graph, [_relayout(graph, b, sizes) if b in site.relayout else _to_4d(graph, b)
-                                for b in site.biases], aten.add.Tensor)
-        hidden = [
-            _to_4d(graph, m) if where_true else graph.call_function(aten.bitwise_not.default, (_to_4d(graph, m),))
-            for m, where_true in site.masks
-        ]
-        mask = _combine(graph, hidden, aten.bitwise_or.Tensor)
-        fill = float("-inf") if site.fill is None else site.fill
-        lo = None if site.band_lo is None else site.band_lo.emit(graph)
-        hi = None if site.band_hi is None else site.band_hi.emit(graph)
-        op = graph.call_function(
-            torch.ops.fa_dynamo.attention.default,
-            (q, k, v, bias, mask, _emit_scale(graph, site), site.softcap, fill, lo, hi,
-             config.kernel, config.block_q, config.block_k),
-        )
-        out = graph.call_function(operator.getitem, (op, 0))
-        for _ in range(2 - len(batch)):
-            out = graph.call_function(aten.squeeze.dim, (out, 0))
-        if out_layout == "flatten":
-            out = graph.call_function(aten.flatten.using_ints, (out, 0, 1))
-        elif out_layout is not None:
-            out = graph.call_function(aten.reshape.default, (out, out_layout))
-        if site.out_permute is not None:
-            out = graph.call_function(aten.permute.default, (out, site.out_permute))
-        if dtype(pv) != op_dtype:
-            out = graph.call_function(aten.to.dtype, (out, dtype(pv)))
-    pv.replace_all_uses_with(out)
-
-
-def _relayout(graph: fx.Graph, node: fx.Node, sizes: list) -> fx.Node:
-    last = [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (node, i - 2))
-            for i, d in enumerate(shape(node)[-2:])]
-    return _to_4d(graph, graph.call_function(aten.reshape.default, (node, list(sizes) + last)), len(sizes) + 2)
-
-
-def _to_4d(graph: fx.Graph, node: fx.Node, rank: Optional[int] = None) -> fx.Node:
-    for _ in range(4 - (len(shape(node)) if rank is None else rank)):
-        node = graph.call_function(aten.unsqueeze.default, (node, 0))
-    return node
-
-
-def _combine(graph: fx.Graph, nodes: list, op) -> Optional[fx.Node]:
-    if not nodes:
-        return None
-    result = nodes[0]
-    for n in nodes[1:]:
-        result = graph.call_function(op, (result, n))
-    return result

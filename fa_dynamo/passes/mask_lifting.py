@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from fa_dynamo.passes.matching import aten, is_op, normalize_dim, python_scalar, round_to, shape, val
+from fa_dynamo.passes.matching import aten, is_op, normalize_dim, round_to, shape, val
 
 
 _CONSTANTS = (aten.full, aten.ones, aten.zeros, aten.scalar_tensor, aten.new_full, aten.new_ones, aten.new_zeros)

@@ -1,0 +1,226 @@
+"""Rewriting a matched attention site into one ``fa_dynamo::attention`` call.
+
+Operands are put in the op's ``[B, H, S, D]`` layout (permutes, transposes and batch reshapes
+are views; ``repeat_kv`` is undone so GQA reaches the op without copies), masks and biases are
+brought to 4-D, and the op's output is put back in the layout P·V had.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx as fx
+
+from fa_dynamo.config import FastAttentionConfig
+from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
+from fa_dynamo.passes.matching import aten, dtype, is_op, normalize_dim, python_scalar, shape
+
+
+def _canonical_batch(site: Site) -> tuple:
+    """The op's (B, H) layout: the scores' batch dims where masks apply, else Q·Kᵀ's."""
+    ref = site.batch_view if site.batch_view is not None else site.qk
+    return tuple(shape(ref)[:-2])
+
+
+def _output_layout(site: Site) -> Optional[Union[str, list]]:
+    """How the op's ``[B, H, Sq, Dv]`` output becomes P·V's: None (as is), ``"flatten"``
+    (``[B*H, ...]``) or a static shape to reshape to."""
+    batch = _canonical_batch(site)
+    probs = site.pv.args[1][0] if is_op(site.pv, aten.einsum) else site.pv.args[0]
+    have = tuple(shape(probs)[:-2])
+    if have == batch:
+        return None
+    if site.out_permute is None:
+        if len(have) == 1 and len(batch) == 2:
+            return "flatten"
+        out_shape = shape(site.pv)
+        if all(isinstance(d, int) for d in (*have, *batch, *out_shape)) and math.prod(have) == math.prod(batch):
+            return list(out_shape)
+    raise NotFusable(f"the probabilities have batch dims {have}, the masked scores {batch}")
+
+
+def _batch_sizes(graph: fx.Graph, site: Site) -> list:
+    """The canonical batch sizes as graph values (ints, or SymInt nodes that outlive the site)."""
+    batch = _canonical_batch(site)
+    if all(isinstance(d, int) for d in batch):
+        return list(batch)
+    if site.batch_view is not None and is_op(site.batch_view, aten.view, aten.reshape, aten._unsafe_view):
+        sizes = list(site.batch_view.args[1])[: len(batch)]
+        if all(isinstance(s, (int, fx.Node)) for s in sizes) and -1 not in sizes:
+            return sizes
+    q_node, perm = site.q.node, site.q.permute or list(range(len(shape(site.q.node))))
+    if tuple(_operand_batch(site.q)) == batch:
+        return [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (q_node, perm[i]))
+                for i, d in enumerate(batch)]
+    raise NotFusable("symbolic batch sizes that cannot be recovered")
+
+
+def _kv_heads(op: Operand, site: Site) -> Any:
+    """Key/value heads the op would receive for ``op`` if grouping is allowed."""
+    batch = _canonical_batch(site)
+    undone = _undo_repeat_kv(op, batch, site.mutated)
+    if undone is not None:
+        return shape(undone)[1]
+    node_batch = _operand_batch(op)
+    if len(node_batch) == len(batch) == 2 and node_batch[0] == batch[0] and node_batch[1] == 1:
+        return 1
+    return batch[-1] if batch else 1
+
+
+def _emit_operand(graph: fx.Graph, op: Operand, site: Site, sizes: list, role: str, grouped: bool = True) -> fx.Node:
+    """The operand in the op's ``[B, H, S, D]`` layout. With ``grouped``, K/V keep fewer heads
+    (GQA undone, MQA broadcast kept); K and V must then agree, which the caller checks."""
+    node = op.node
+    if op.permute is not None:
+        node = graph.call_function(aten.permute.default, (node, op.permute))
+    if op.transpose_last:
+        node = graph.call_function(aten.transpose.int, (node, -2, -1))
+    batch = _canonical_batch(site)
+    node_batch = _operand_batch(op)
+    if role != "q":
+        undone = _undo_repeat_kv(op, batch, site.mutated) if grouped else None
+        if undone is not None:
+            return undone
+        if len(node_batch) == len(batch) == 2 and node_batch[0] == batch[0] and node_batch[1] == 1:
+            if not grouped:  # one head broadcast by matmul: expand it (a view) to every head
+                node = graph.call_function(aten.expand.default, (node, list(sizes) + [-1, -1]))
+        elif tuple(node_batch) != batch:
+            node = _reshape_batch(graph, node, node_batch, batch, sizes, role)
+    elif tuple(node_batch) != batch:
+        node = _reshape_batch(graph, node, node_batch, batch, sizes, role)
+    for _ in range(2 - len(batch)):
+        node = graph.call_function(aten.unsqueeze.default, (node, 0))
+    return node
+
+
+def _operand_batch(op: Operand) -> tuple:
+    s = shape(op.node)
+    if op.permute is not None:
+        s = tuple(s[i] for i in op.permute)
+    return tuple(s[:-2])
+
+
+def _reshape_batch(graph, node, have: tuple, want: tuple, sizes: list, role: str) -> fx.Node:
+    if math.prod(have) != math.prod(want):
+        raise NotFusable(f"{role} has batch dims {have}, the scores {want}")
+    last = [-1, graph.call_function(aten.sym_size.int, (node, -1))]
+    return graph.call_function(aten.reshape.default, (node, list(sizes) + last))
+
+
+def _undo_repeat_kv(op: Operand, batch: tuple, mutated: frozenset) -> Optional[fx.Node]:
+    """``repeat_kv(x, n)`` (unsqueeze → expand → reshape) or ``repeat_interleave(x, n, 1)`` → x."""
+    if op.permute is not None or op.transpose_last or len(batch) != 2 or op.node in mutated:
+        return None
+    node = op.node
+    if is_op(node, aten.repeat_interleave) and len(node.args) >= 3 and node.args[2] in (1, -3):
+        src = node.args[0]
+        return src if isinstance(node.args[1], int) and len(shape(src)) == 4 and src not in mutated else None
+    if not is_op(node, aten.reshape, aten.view, aten._unsafe_view):
+        return None
+    expand = node.args[0]
+    if not is_op(expand, aten.expand):
+        return None
+    unsq = expand.args[0]
+    skipped = []
+    while _is_full_slice(unsq):  # x[:, :, None, :, :] under dynamic shapes adds no-op slices
+        skipped.append(unsq)
+        unsq = unsq.args[0]
+    if not is_op(unsq, aten.unsqueeze) or set(skipped) & mutated:
+        return None
+    src = unsq.args[0]
+    if len(shape(src) or ()) != 4 or normalize_dim(unsq.args[1], 5) != 2:
+        return None
+    e = shape(expand)
+    b, hkv, s, d = shape(src)
+    if len(e) != 5 or (e[0], e[1], e[3], e[4]) != (b, hkv, s, d) or shape(node) != (b, hkv * e[2], s, d):
+        return None
+    return None if {src, unsq, expand} & mutated else src
+
+
+def _is_full_slice(node: Any) -> bool:
+    """``x[:, ..., :]`` along one dim: start 0, step 1, end at or past the dim's size."""
+    if not is_op(node, aten.slice):
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    dim, start, end, step = args[1] or 0, args[2] or 0, args[3], args[4] or 1
+    size = shape(node.args[0])[dim]
+    return start == 0 and step == 1 and (end is None or end >= 2**62 or end == size)
+
+
+def _emit_scale(graph: fx.Graph, site: Site) -> Scalar:
+    if not site.scale:
+        return 1.0
+    if all(python_scalar(f) is not None for f, _ in site.scale):
+        return math.prod(python_scalar(f) ** p for f, p in site.scale)
+    result: Scalar = 1.0
+    for f, p in site.scale:
+        result = graph.call_function(operator.mul if p == 1 else operator.truediv, (result, f))
+    return result
+
+
+def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
+    pv = site.pv
+    out_layout = _output_layout(site)
+    batch = _canonical_batch(site)
+    in_dtypes = [dtype(op.node) for op in (site.q, site.k, site.v)]
+    op_dtype = in_dtypes[0]
+    for d in in_dtypes[1:]:
+        op_dtype = torch.promote_types(op_dtype, d)
+    with graph.inserting_before(pv):
+        sizes = _batch_sizes(graph, site)
+        grouped = _kv_heads(site.k, site) == _kv_heads(site.v, site)
+        q, k, v = (_emit_operand(graph, op, site, sizes, role, grouped)
+                   for op, role in ((site.q, "q"), (site.k, "k"), (site.v, "v")))
+        if len(set(in_dtypes)) > 1:
+            q, k, v = (graph.call_function(aten.to.dtype, (t, op_dtype)) for t in (q, k, v))
+        bias = _combine(graph, [_relayout(graph, b, sizes) if b in site.relayout else _to_4d(graph, b)
+                                for b in site.biases], aten.add.Tensor)
+        hidden = [
+            _to_4d(graph, m) if where_true else graph.call_function(aten.bitwise_not.default, (_to_4d(graph, m),))
+            for m, where_true in site.masks
+        ]
+        mask = _combine(graph, hidden, aten.bitwise_or.Tensor)
+        fill = float("-inf") if site.fill is None else site.fill
+        lo = None if site.band_lo is None else site.band_lo.emit(graph)
+        hi = None if site.band_hi is None else site.band_hi.emit(graph)
+        op = graph.call_function(
+            torch.ops.fa_dynamo.attention.default,
+            (q, k, v, bias, mask, _emit_scale(graph, site), site.softcap, fill, lo, hi,
+             config.kernel, config.block_q, config.block_k),
+        )
+        out = graph.call_function(operator.getitem, (op, 0))
+        for _ in range(2 - len(batch)):
+            out = graph.call_function(aten.squeeze.dim, (out, 0))
+        if out_layout == "flatten":
+            out = graph.call_function(aten.flatten.using_ints, (out, 0, 1))
+        elif out_layout is not None:
+            out = graph.call_function(aten.reshape.default, (out, out_layout))
+        if site.out_permute is not None:
+            out = graph.call_function(aten.permute.default, (out, site.out_permute))
+        if dtype(pv) != op_dtype:
+            out = graph.call_function(aten.to.dtype, (out, dtype(pv)))
+    pv.replace_all_uses_with(out)
+
+
+def _relayout(graph: fx.Graph, node: fx.Node, sizes: list) -> fx.Node:
+    last = [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (node, i - 2))
+            for i, d in enumerate(shape(node)[-2:])]
+    return _to_4d(graph, graph.call_function(aten.reshape.default, (node, list(sizes) + last)), len(sizes) + 2)
+
+
+def _to_4d(graph: fx.Graph, node: fx.Node, rank: Optional[int] = None) -> fx.Node:
+    for _ in range(4 - (len(shape(node)) if rank is None else rank)):
+        node = graph.call_function(aten.unsqueeze.default, (node, 0))
+    return node
+
+
+def _combine(graph: fx.Graph, nodes: list, op) -> Optional[fx.Node]:
+    if not nodes:
+        return None
+    result = nodes[0]
+    for n in nodes[1:]:
+        result = graph.call_function(op, (result, n))
+    return result

@@ -1,0 +1,51 @@
+"""What the attention matcher found at one site: the operands and the folded score chain.
+
+Shared by matching (``attention.py``), folding the score chain (``score_chain.py``) and
+rewriting (``attention_rewrite.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch.fx as fx
+
+from fa_dynamo.passes.mask_lifting import Offset
+
+class NotFusable(Exception):
+    """Raised inside matching with the reason a site is left alone."""
+
+
+Scalar = Union[float, fx.Node]
+
+
+@dataclass
+class Operand:
+    """A matmul operand in canonical layout ``[*batch, seq, dim]`` plus how to get there."""
+
+    node: fx.Node
+    permute: Optional[list[int]] = None  # applied to ``node`` first
+    transpose_last: bool = False  # then swap the last two dims
+
+
+@dataclass
+class Site:
+    softmax: fx.Node
+    qk: fx.Node
+    pv: fx.Node
+    q: Operand = None
+    k: Operand = None
+    v: Operand = None
+    out_permute: Optional[list[int]] = None
+    scale: list[tuple[Scalar, int]] = field(default_factory=list)  # (factor, +1 mul / -1 div)
+    softcap: float = 0.0
+    biases: list[fx.Node] = field(default_factory=list)
+    masks: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (bool node, True=hidden where True)
+    fill: Optional[float] = None
+    band_lo: Optional[Offset] = None
+    band_hi: Optional[Offset] = None
+    batch_view: Optional[fx.Node] = None  # a chain view that fixes the canonical batch dims
+    lifted: int = 0
+    mutated: frozenset = frozenset()  # nodes written in place somewhere: never read around them
+    relayout: set = field(default_factory=set)  # biases to reshape to the op's batch layout

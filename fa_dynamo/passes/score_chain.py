@@ -1,0 +1,168 @@
+"""Folding the score chain into the op's fixed order: scale → softcap → bias → fill.
+
+Each event between Q·Kᵀ and softmax (a scale, a softcap, an additive tensor, a masked fill)
+is checked against that order and turned into the op's arguments; masks whose structure is
+recognized (``mask_lifting``) become the band, the rest stay dense tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fa_dynamo.passes.attention_site import NotFusable, Site
+from fa_dynamo.passes.mask_lifting import Offset, lift_hidden_set
+from fa_dynamo.passes.matching import dtype, round_to, shape, writes_between
+
+# A finite additive mask value this negative absorbs any score in float32/bfloat16
+# (s + v == v), so adding it is the same as replacing the score by it.
+_ABSORBING = -1e30
+
+
+def fold_events(site: Site, events: list) -> None:
+    """Check the chain is ``scale* → softcap? → (bias | fill)*`` and collect the pieces."""
+    stage = 0  # 0: scaling allowed, 1: after softcap, 2: after a bias or fill
+    site.batch_view = _mask_layout(site.qk, events)
+    layout = site.qk  # the node whose shape is the scores' layout at this point of the chain
+    seen_fill = False
+    other_biases = sum(e[0] == "bias" for e in events) - 1
+    for event in events:
+        kind = event[0]
+        if kind == "view":
+            layout = event[1]
+            continue
+        if kind == "scale":
+            if stage > 0:
+                raise NotFusable("the scores are scaled after a softcap, bias or mask")
+            site.scale.append(event[1])
+            continue
+        if kind == "softcap":
+            if stage > 0:
+                raise NotFusable("softcap after a bias or mask")
+            site.softcap, stage = event[1], 1
+            continue
+        if len(shape(layout)) > 4:
+            raise NotFusable("scores with more than two batch dims")
+        if shape(site.batch_view) != shape(layout):
+            _relayout_bias(site, event, layout)
+        stage = 2
+        if event[1] in writes_between(event[-1], site.pv):
+            raise NotFusable(f"{event[1].name} is modified in place after the scores read it")
+        if kind == "bias":
+            if seen_fill and site.fill != float("-inf"):
+                raise NotFusable("a bias is added after the scores were filled with a finite value")
+            _add_bias(site, event[1], event[2], shape(layout), other_biases=other_biases)
+        else:
+            seen_fill = True
+            _add_fill(site, event[1], event[2], event[3], shape(layout))
+
+
+def _mask_layout(qk: fx.Node, events: list) -> Optional[fx.Node]:
+    """The scores' layout the op adopts: where masks apply, the one with the most batch dims."""
+    layout, best = qk, None
+    for event in events:
+        if event[0] == "view":
+            layout = event[1]
+        elif event[0] in ("bias", "fill") and (best is None or len(shape(layout)) >= len(shape(best))):
+            best = layout
+    return best
+
+
+def _relayout_bias(site: Site, event: tuple, layout: fx.Node) -> None:
+    """A bias added at another batch layout (``[B*H, ...]`` vs ``[B, H, ...]``) is reshaped to
+    the op's, which is exact when it spans its layout's batch dims (no broadcasting there)."""
+    bias, have, want = event[1], tuple(shape(layout)[:-2]), tuple(shape(site.batch_view)[:-2])
+    if event[0] != "bias" or tuple(shape(bias)[:-2]) != have or math.prod(have) != math.prod(want):
+        raise NotFusable("masks are applied at two different batch layouts of the scores")
+    site.relayout.add(bias)
+
+
+def _set_fill(site: Site, value: float) -> None:
+    if site.fill is not None and site.fill != value:
+        raise NotFusable(f"two masks fill with different values ({site.fill} and {value})")
+    site.fill = value
+
+
+def _add_band(site: Site, visible) -> bool:
+    """Intersect the site's band with a lifted visible set; False if it is not one band."""
+    if visible.complement:
+        return False
+    for attr, new, pick in (("band_lo", visible.lo, max), ("band_hi", visible.hi, min)):
+        old = getattr(site, attr)
+        if new is None:
+            continue
+        if old is None or old == new:
+            setattr(site, attr, new)
+        elif old.is_static and new.is_static:
+            setattr(site, attr, Offset(pick(old.const, new.const)))
+        else:
+            return False
+    site.lifted += 1
+    return True
+
+
+def _lift_band(site: Site, hidden_set, dense: tuple, hidden_is_complement: bool, value: float, scores_shape) -> bool:
+    """Record ``hidden = ~(visible ∧ dense)`` as a band plus dense key masks; False if it is not."""
+    if not hidden_is_complement:
+        if dense:
+            return False
+        visible = hidden_set.invert()
+    else:
+        visible = hidden_set
+    if site.fill is not None and site.fill != value:
+        return False
+    saved = (site.band_lo, site.band_hi, site.lifted)
+    if not _add_band(site, visible):
+        site.band_lo, site.band_hi, site.lifted = saved
+        return False
+    _set_fill(site, float(value))
+    site.masks.extend((_aligned(site, d, scores_shape), False) for d in dense)
+    return True
+
+
+def _add_bias(site: Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple, other_biases: int) -> None:
+    """An additive tensor: a lifted band when it only hides keys, a dense bias otherwise.
+
+    ``s + v`` equals the op's "replace by v" when v is -inf, or a finite v so negative that it
+    absorbs the score — and no other bias is added (``s + v + b`` is not ``v``, and two
+    finfo.min terms overflow to -inf where both apply).
+    """
+    lifted, _ = lift_hidden_set(bias, scores_shape, site.mutated)
+    if lifted is not None and 0 in (lifted.inside, lifted.outside) and lifted.inside != lifted.outside:
+        value = round_to(lifted.outside if lifted.inside == 0 else lifted.inside, dtype(add_node))
+        absorbing = value == float("-inf") or (
+            value <= _ABSORBING and dtype(add_node) in (torch.float32, torch.bfloat16) and not other_biases
+        )
+        # value sits outside (where ∧ dense) when inside == 0: hidden is the complement
+        if absorbing and _lift_band(site, lifted.where, lifted.dense, lifted.inside == 0, value, scores_shape):
+            return
+    if not dtype(bias) or not dtype(bias).is_floating_point:
+        raise NotFusable(f"a non-float tensor ({bias.name}) is added to the scores")
+    site.biases.append(_aligned(site, bias, scores_shape))
+
+
+def _add_fill(site: Site, cond: fx.Node, hidden_where_true: bool, value: float, scores_shape: tuple) -> None:
+    if dtype(cond) != torch.bool:
+        raise NotFusable("masked_fill/where with a non-bool condition")
+    lifted, _ = lift_hidden_set(cond, scores_shape, site.mutated)
+    if lifted is not None and isinstance(lifted.inside, bool) and lifted.inside != lifted.outside:
+        # cond is True on (where ∧ dense) if inside is True, else on its complement
+        cond_is_set = lifted.inside
+        if _lift_band(site, lifted.where, lifted.dense, cond_is_set != hidden_where_true, value, scores_shape):
+            return
+    _set_fill(site, value)
+    site.masks.append((_aligned(site, cond, scores_shape), hidden_where_true))
+
+
+def _aligned(site: Site, tensor: fx.Node, scores_shape: tuple) -> fx.Node:
+    """``tensor`` itself, after checking it broadcasts to the scores without re-tiling."""
+    t_shape = shape(tensor)
+    if t_shape is None or len(t_shape) > len(scores_shape):
+        raise NotFusable(f"{tensor.name} does not broadcast to the scores")
+    for d, s in zip(reversed(t_shape), reversed(scores_shape)):
+        if d != 1 and d != s:
+            raise NotFusable(f"{tensor.name} of shape {tuple(t_shape)} does not broadcast to the scores {tuple(scores_shape)}")
+    return tensor

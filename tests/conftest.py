@@ -6,9 +6,13 @@ import os
 
 import pytest
 import torch
-from hypothesis import settings
 
-from fa_dynamo import FastAttentionBackend
+if not torch.cuda.is_available():  # tests/kernels/test_triton.py runs the Triton kernels in Triton's
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # interpreter; this must precede any import of triton
+
+from hypothesis import settings  # noqa: E402
+
+from fa_dynamo import FastAttentionBackend  # noqa: E402
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.register_profile("long", max_examples=2000, deadline=None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Optional
 
 import torch
@@ -150,16 +149,25 @@ def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel,
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k = inputs
-    ctx.save_for_backward(q, k, v, bias, mask)
+    ctx.save_for_backward(q, k, v, bias, mask, *output)  # out and lse: the FA2 backward needs them
     ctx.params = dict(scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset), block_q=block_q)
+    ctx.kernel, ctx.block_k = kernel, block_k
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, bias, mask = ctx.saved_tensors
-    dq, dk, dv, dbias = attention_backward(
-        grad_out, q, k, v, bias, mask, needs_bias_grad=bias is not None and ctx.needs_input_grad[3], **ctx.params
-    )
+    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+    needs_bias_grad = bias is not None and ctx.needs_input_grad[3]
+    triton_backward = _triton_entry("attention_triton_backward") if _wants_triton(ctx.kernel, q) else None
+    if triton_backward is not None:
+        dq, dk, dv, dbias = triton_backward(
+            grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad, block_k=ctx.block_k, out=out, lse=lse,
+            **ctx.params,
+        )
+    else:
+        dq, dk, dv, dbias = attention_backward(
+            grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad, **ctx.params
+        )
     return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
 
 
@@ -171,14 +179,35 @@ def _say_once(message: str) -> None:
     log.warning(message)
 
 
+def _wants_triton(kernel: str, q) -> bool:
+    return kernel == "triton" or (kernel == "auto" and q.device.type == "cuda")
+
+
+def _triton_entry(name: str):
+    """``attention_triton`` or ``attention_triton_backward``; None (said once) without triton."""
+    try:
+        from fa_dynamo.kernels import triton_attention, triton_backward
+    except ImportError as e:
+        _say_once(f"fa_dynamo: the triton kernel needs triton ({e}); using another kernel instead")
+        return None
+    return getattr(triton_backward if name == "attention_triton_backward" else triton_attention, name)
+
+
 def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch by kernel choice and device; a kernel that cannot serve the call says so once."""
     on_cpu = q.device.type == "cpu"
-    if kernel in ("triton", "npu"):
-        reason = f"the {kernel} kernel is not available in this version of fa_dynamo"
-        if kernel == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
-            reason = "the triton kernel runs on CPU tensors only under TRITON_INTERPRET=1"
-        _say_once(f"fa_dynamo: {reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
+    if _wants_triton(kernel, q):
+        attention_triton = _triton_entry("attention_triton")
+        if attention_triton is not None:  # it falls back itself (logged) on what it cannot serve
+            return attention_triton(q, k, v, bias, mask, **kw)
+        kernel = "auto"
+    if kernel == "npu" or (kernel == "auto" and q.device.type == "npu"):
+        if q.device.type == "npu":
+            from fa_dynamo.kernels.npu import attention_npu
+
+            return attention_npu(q, k, v, bias, mask, **kw)  # falls back itself without torch_npu
+        fallback = "cpu" if on_cpu else "reference"
+        _say_once(f"fa_dynamo: the npu kernel serves npu tensors; using the {fallback} kernel instead")
         kernel = "auto"
     if kernel == "auto":
         if not on_cpu:

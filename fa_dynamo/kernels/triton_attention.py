@@ -1,0 +1,410 @@
+"""The Triton FastAttention forward kernel (two-level tiling, tiling-mask) and its host side.
+
+Laid out like the Triton fused-attention tutorial. Forward: one program per (outer tile of
+``BLOCK_M`` query rows, batch × query head); its inner loop walks ``BLOCK_N``-key tiles with an
+online softmax (``_attn_fwd_inner`` returns ``(acc, l_i, m_i)``) and the epilogue stores the
+output and the log-sum-exp. The tiling-mask comes from the band ``lo <= j - i <= hi``:
+``_tile_ranges`` turns it into loop bounds, so empty tiles are never visited, full tiles run with
+no mask evaluation at all, and only the partial tiles on the band's edges build a mask from
+indices. A dense bias or boolean mask is read tile by tile (never copied or expanded). GQA maps
+query head ``h`` to key/value head ``h // G``. Head dims are padded to the next power of two with
+masked loads; q·kᵀ and p·v accumulate in float32.
+
+Rows the kernel cannot serve exactly (no visible key: NaN in eager; a finite fill value that is
+not negligible: a uniform average) are detected from the LSE and recomputed by the reference,
+exactly as the CPU kernel does (``cpu._recompute_unserved_rows``). The backward kernels, which
+share this module's device helpers and launcher, are in ``triton_backward.py``.
+
+With ``TRITON_INTERPRET=1`` set before this module is imported, the same kernels run on CPU
+tensors in Triton's interpreter (that is how CI tests them).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - very old Triton
+    libdevice = None
+
+try:
+    from triton.runtime.errors import PTXASError
+
+    _RESOURCE_ERRORS: tuple = (OutOfResources, PTXASError)
+except ImportError:  # pragma: no cover
+    _RESOURCE_ERRORS = (OutOfResources,)
+
+from fa_dynamo.kernels import triton_configs as tc
+from fa_dynamo.kernels.cpu import _recompute_unserved_rows, attention_cpu
+from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.reference import reference_attention
+
+log = logging.getLogger("fa_dynamo")
+
+# Triton decides at decoration time whether @triton.jit functions are interpreted.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_HEAD_DIM = 256
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        y = libdevice.tanh(x)
+    else:  # the interpreter has no libdevice; float64 keeps the formula exact to fp32 rounding
+        x64 = x.to(tl.float64)
+        e = tl.exp(-2.0 * tl.abs(x64))
+        t = (1.0 - e) / (1.0 + e)
+        y = tl.where(x64 < 0, -t, t).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    if DOT_F32:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 anyway
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile_ranges(row0, row_last, num_cols, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, BLOCK: tl.constexpr):
+    """Column tiles of rows ``[row0, row_last]`` under the band ``lo <= col - row <= hi``.
+
+    Returns ``(start, full_start, full_end, end)``: tiles starting in ``[start, full_start)`` and
+    ``[full_end, end)`` are partial (their mask is built from indices), tiles in
+    ``[full_start, full_end)`` are full (no mask), and nothing outside ``[start, end)`` is visited.
+    """
+    col_lo = row0 * 0
+    col_hi = col_lo + num_cols
+    if HAS_LO:
+        col_lo = tl.maximum(row0 + lo, 0)
+    if HAS_HI:
+        col_hi = tl.minimum(row_last + hi + 1, num_cols)
+    col_hi = tl.maximum(col_hi, col_lo)
+    start = tl.where(col_hi > col_lo, (col_lo // BLOCK) * BLOCK, col_hi)  # no visible column: no tile
+    full_lo = start
+    full_hi = col_lo * 0 + num_cols
+    if HAS_LO:
+        full_lo = tl.maximum(full_lo, row_last + lo)
+    if HAS_HI:
+        full_hi = tl.minimum(full_hi, row0 + hi + 1)
+    full_start = ((full_lo + BLOCK - 1) // BLOCK) * BLOCK
+    full_end = (tl.maximum(full_hi, 0) // BLOCK) * BLOCK
+    none_full = full_end <= full_start
+    full_start = tl.where(none_full, col_hi, full_start)
+    full_end = tl.where(none_full, col_hi, full_end)
+    return start, full_start, full_end, col_hi
+
+
+@triton.jit
+def _band_keep(rows, cols, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """Bool ``[len(rows), len(cols)]``: True where ``lo <= col - row <= hi``."""
+    diff = cols[None, :] - rows[:, None]
+    keep = diff == diff
+    if HAS_LO:
+        keep = keep & (diff >= lo)
+    if HAS_HI:
+        keep = keep & (diff <= hi)
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_ptrs, v_ptrs, bias_ptrs, mask_ptrs,
+    stride_kn, stride_vn, stride_bias_n, stride_mask_n,
+    offs_m, offs_n, row_ok, d_ok, dv_ok,
+    start, end, num_k, lo, hi, scale, softcap,
+    PARTIAL: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online softmax over key tiles ``[start, end)``; ``PARTIAL`` tiles evaluate the mask."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < num_k
+        if PARTIAL:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[:, None], other=0.0)
+            tile_ok = row_ok[:, None]
+        s = _dot(q, k, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PRECISION) * scale
+        if SOFTCAP:
+            s = softcap * _tanh(s / softcap, LIBDEVICE)
+        if HAS_BIAS:
+            s += tl.load(bias_ptrs + start_n * stride_bias_n, mask=tile_ok, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            hidden = tl.load(mask_ptrs + start_n * stride_mask_n, mask=tile_ok, other=1) != 0
+            s = tl.where(hidden, float("-inf"), s)
+        if PARTIAL:
+            keep = col_ok[None, :] & _band_keep(offs_m, cols, lo, hi, HAS_LO, HAS_HI)
+            s = tl.where(keep, s, float("-inf"))
+        s = s * LOG2E
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PARTIAL:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=dv_ok[None, :], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_F32, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Bias, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, group, num_q, num_k, lo, hi, scale, softcap,
+    Q_CLASS, K_CLASS,  # autotuning keys (sequence-length buckets), unused by the kernel
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    off_hkv = off_h // group  # GQA: no repeated K/V
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < num_q
+    d_ok = offs_d < HEAD_DIM  # head dims padded to a power of two
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    bias_ptrs = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+    bias_ptrs = bias_ptrs + offs_m[:, None].to(tl.int64) * stride_bias_m + offs_n[None, :] * stride_bias_n
+    mask_ptrs = Mask + off_b * stride_mask_b + off_h * stride_mask_h
+    mask_ptrs = mask_ptrs + offs_m[:, None].to(tl.int64) * stride_mask_m + offs_n[None, :] * stride_mask_n
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    row0 = start_m * BLOCK_M
+    row_last = tl.minimum(row0 + BLOCK_M, num_q) - 1
+    start, full_start, full_end, end = _tile_ranges(row0, row_last, num_k, lo, hi, HAS_LO, HAS_HI, BLOCK_N)
+    for_tiles = (
+        k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, stride_kn, stride_vn, stride_bias_n, stride_mask_n,
+        offs_m, offs_n, row_ok, d_ok, dv_ok,
+    )
+    # partial tiles left of the band's full region, full tiles (no mask), partial tiles right of it
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, *for_tiles, start, full_start, num_k, lo, hi, scale, softcap,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, *for_tiles, full_start, full_end, num_k, lo, hi, scale, softcap,
+        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, *for_tiles, full_end, end, num_k, lo, hi, scale, softcap,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+    )
+
+    # epilogue: rows that saw no key get lse = -inf (the caller recomputes them)
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(Lse + off_bh.to(tl.int64) * num_q + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: support checks, configs, launches
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    log.warning(message)
+
+
+def _arch(device: torch.device) -> Optional[tc.Arch]:
+    return tc.arch_for(torch.cuda.get_device_capability(device), is_rocm=torch.version.hip is not None)
+
+
+def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot serve these inputs, or None when they can."""
+    device = q.device.type
+    if device == "cpu" and not INTERPRETED:
+        return "the triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 (set before fa_dynamo imports it)"
+    if device not in ("cpu", "cuda"):
+        return f"the triton kernel serves CUDA/ROCm tensors, not {device}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the triton kernel computes float16/bfloat16/float32, not {q.dtype}"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"the triton kernel supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}/{v.shape[-1]}"
+    if device == "cuda" and not INTERPRETED:
+        return tc.unsupported_reason(_arch(q.device), str(q.dtype).removeprefix("torch."))
+    return None
+
+
+def _fallback(q, k, v, bias, mask, reason, **kw):
+    on_cpu = q.device.type == "cpu"
+    _say_once(f"fa_dynamo: {reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
+    if on_cpu:
+        return attention_cpu(q, k, v, bias, mask, **kw)
+    return reference_attention(q, k, v, bias, mask, **{n: kw[n] for n in ("scale", "softcap", "fill", "band")})
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _seq_class(n: int) -> int:
+    """Autotuning key: sequence lengths bucketed to powers of two (no retuning per length)."""
+    return min(_pow2(n, 1), 1 << 16)
+
+
+def _dense_args(t: Optional[torch.Tensor], shape, like: torch.Tensor):
+    """A bias/mask broadcast (stride 0, no copy) to ``shape``, and its strides; a dummy when absent."""
+    if t is None:
+        return like, (0, 0, 0, 0)
+    t = t.expand(shape)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t, t.stride()
+
+
+def _constexprs(q, v, bias, mask, softcap: float, band: Band) -> dict:
+    precision = None  # half types: the backend's default
+    if q.dtype == torch.float32 or INTERPRETED:  # fp32: as exact as torch's matmul unless TF32 is allowed
+        tf32 = q.device.type == "cuda" and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+        precision = "tf32" if tf32 and torch.version.hip is None else "ieee"
+    return dict(
+        HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_pow2(q.shape[-1]), BLOCK_DV=_pow2(v.shape[-1]),
+        HAS_LO=band.min_offset is not None, HAS_HI=band.max_offset is not None,
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SOFTCAP=softcap > 0,
+        LIBDEVICE=not INTERPRETED, DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
+        PRECISION=precision,
+    )
+
+
+_AUTOTUNE_KEY = ["Q_CLASS", "K_CLASS", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "HAS_BIAS", "HAS_MASK", "SOFTCAP"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel, backward: bool, arch: tc.Arch, problem: tc.Problem, max_block_m: int, max_block_n: int):
+    """The kernel wrapped in an autotuner over the architecture's configs that fit shared memory."""
+    configs = [
+        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_stages=c.stages, num_warps=c.warps)
+        for c in tc.configs_for(arch, problem, backward=backward, max_block_m=max_block_m, max_block_n=max_block_n)
+    ]
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel)
+
+
+def _launch(kernel, grid_of, args: tuple, consts: dict, q, block_q: int, block_k: int, bias, mask,
+            backward: bool = False) -> None:
+    """Run one kernel: a fixed config in the interpreter, the autotuned configs on a GPU."""
+    if INTERPRETED:
+        cfg = tc.interpreter_config(block_q, block_k)
+        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+        kernel[grid_of(meta)](*args, **consts, **meta)
+        return
+    problem = tc.Problem(
+        head_dim=consts["BLOCK_D"], head_dim_v=consts["BLOCK_DV"], elem_bytes=q.element_size(),
+        bias_bytes=0 if bias is None else bias.element_size(), has_mask=mask is not None,
+    )
+    tuned = _tuned(kernel, backward, _arch(q.device), problem, _pow2(block_q), _pow2(block_k))
+    with torch.cuda.device(q.device):
+        tuned[grid_of](*args, **consts)
+
+
+def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k):
+    """The kernel's own result: ``(out, lse)``; rows with no visible key have ``lse = -inf``."""
+    batch, heads, num_q, _ = q.shape
+    kv_heads, num_k = k.shape[1], k.shape[2]
+    full = (batch, heads, num_q, num_k)
+    out = torch.empty(batch, heads, num_q, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, num_q, dtype=torch.float32, device=q.device)
+    bias_t, bias_s = _dense_args(bias, full, q)
+    mask_t, mask_s = _dense_args(mask, full, q)
+    args = (
+        q, k, v, bias_t, mask_t, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *out.stride(),
+        heads, heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, scale, softcap,
+        _seq_class(num_q), _seq_class(num_k),
+    )
+    grid = lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    _launch(_attn_fwd, grid, args, _constexprs(q, v, bias, mask, softcap, band), q, block_q, block_k, bias, mask)
+    return out, lse
+
+
+def attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    *,
+    scale: float,
+    softcap: float,
+    fill: float,
+    band: Band,
+    block_q: int,
+    block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``attention_cpu``: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] fp32)``.
+
+    ``block_q`` / ``block_k`` cap the outer and inner tile sizes (on a GPU the per-architecture
+    configs in ``triton_configs`` are autotuned below those caps; in the interpreter they are the
+    tile sizes, rounded down to powers of two in [16, 128]). Inputs the kernel cannot serve
+    (float64, head dims over 256, CPU tensors without ``TRITON_INTERPRET=1``, pre-Volta GPUs,
+    bfloat16 before sm80) go to the CPU / reference kernel, said once in the log.
+    """
+    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k)
+    reason = unsupported_reason(q, v)
+    if reason is not None:
+        return _fallback(q, k, v, bias, mask, reason, **kw)
+    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
+        return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band)
+    try:
+        out, lse = _forward(q, k, v, bias, mask, scale=scale, softcap=softcap, band=band, block_q=block_q,
+                            block_k=block_k)
+    except _RESOURCE_ERRORS as e:  # every tile config was too big for this GPU (e.g. fp32, D=256, sm75)
+        return _fallback(q, k, v, bias, mask, f"no triton tile config fits this GPU ({type(e).__name__})", **kw)
+    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
+    return out, lse

@@ -1,0 +1,427 @@
+"""The Triton FastAttention backward kernels (FlashAttention-2) and their custom op.
+
+``delta = rowsum(dO ∘ O)``; then one program per key tile computes dK and dV, looping over the
+query heads of its GQA group and over the query tiles the band lets see its keys (the forward's
+tiling-mask with rows and columns swapped: empty tiles skipped, full tiles unmasked), and one
+program per query tile computes dQ over the key tiles it sees; both rebuild P from the forward's
+LSE. Rows the forward served through the reference (no visible key, non-negligible finite fill)
+get a zero kernel contribution and the reference's gradient instead, so NaN lands where eager
+autograd puts it.
+
+The launches run inside the custom op ``fa_dynamo::attention_triton_backward`` (with a fake
+implementation), so ``attention_triton_backward`` can sit in a backward formula that aot_autograd
+traces.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fa_dynamo.kernels.backward import attention_backward
+from fa_dynamo.kernels.cpu import unserved_rows
+from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.reference import group_heads, masked_scores, rows_of
+from fa_dynamo.kernels.triton_attention import (
+    _RESOURCE_ERRORS,
+    LOG2E,
+    _band_keep,
+    _constexprs,
+    _dense_args,
+    _dot,
+    _launch,
+    _say_once,
+    _seq_class,
+    _tanh,
+    _tile_ranges,
+    attention_triton,
+    unsupported_reason,
+)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs,
+    stride_qm, stride_dom, stride_bias_m, stride_mask_m,
+    offs_n, offs_m, key_ok, d_ok, dv_ok,
+    start, end, num_q, lo, hi, scale, softcap,
+    PARTIAL: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dK, dV of one key tile over query tiles ``[start, end)`` (scores transposed: keys × queries)."""
+    for start_m in range(start, end, BLOCK_M):
+        rows_q = start_m + offs_m
+        q_ok = rows_q < num_q
+        if PARTIAL:
+            q_t = tl.load(q_ptrs + start_m * stride_qm, mask=d_ok[:, None] & q_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dom, mask=q_ok[:, None] & dv_ok[None, :], other=0.0)
+            tile_ok = key_ok[:, None] & q_ok[None, :]
+        else:
+            q_t = tl.load(q_ptrs + start_m * stride_qm, mask=d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dom, mask=dv_ok[None, :], other=0.0)
+            tile_ok = key_ok[:, None]
+        s_t = _dot(k, q_t, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), DOT_F32, PRECISION) * scale
+        if SOFTCAP:
+            t_t = _tanh(s_t / softcap, LIBDEVICE)
+            s_t = softcap * t_t
+        if HAS_BIAS:
+            bias_t = tl.load(bias_ptrs + rows_q[None, :].to(tl.int64) * stride_bias_m, mask=tile_ok, other=0.0)
+            s_t += bias_t.to(tl.float32)
+        if HAS_MASK:
+            hidden = tl.load(mask_ptrs + rows_q[None, :].to(tl.int64) * stride_mask_m, mask=tile_ok, other=1) != 0
+            s_t = tl.where(hidden, float("-inf"), s_t)
+        if PARTIAL:
+            # keys are the rows here: lo <= j - i <= hi  <=>  -hi <= i - j <= -lo
+            keep = q_ok[None, :] & _band_keep(offs_n, rows_q, -hi, -lo, HAS_HI, HAS_LO)
+            s_t = tl.where(keep, s_t, float("-inf"))
+        lse = tl.load(lse_ptr + rows_q, mask=q_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + rows_q, mask=q_ok, other=0.0)
+        p_t = tl.math.exp2((s_t - lse[None, :]) * LOG2E)
+        dv = _dot(p_t.to(do.dtype), do, dv, DOT_F32, PRECISION)
+        dp_t = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), DOT_F32, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, DOT_F32, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, Lse, Delta, Bias, Mask, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    num_heads, num_kv_heads, group, num_q, num_k, lo, hi, scale, softcap,
+    Q_CLASS, K_CLASS,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // num_kv_heads).to(tl.int64)
+    off_hkv = (off_bkv % num_kv_heads).to(tl.int64)
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_ok = offs_n < num_k
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    row0 = start_n * BLOCK_N
+    row_last = tl.minimum(row0 + BLOCK_N, num_k) - 1
+    start, full_start, full_end, end = _tile_ranges(row0, row_last, num_q, -hi, -lo, HAS_HI, HAS_LO, BLOCK_M)
+    for g in range(0, group):  # the query heads that read this key/value head
+        off_h = off_hkv * group + g
+        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm
+        do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
+        do_ptrs = do_ptrs + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+        lse_ptr = Lse + (off_b * num_heads + off_h) * num_q
+        delta_ptr = Delta + (off_b * num_heads + off_h) * num_q
+        bias_ptrs = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+        bias_ptrs = bias_ptrs + offs_n[:, None] * stride_bias_n  # + query rows, in the loop
+        mask_ptrs = Mask + off_b * stride_mask_b + off_h * stride_mask_h
+        mask_ptrs = mask_ptrs + offs_n[:, None] * stride_mask_n
+        for_tiles = (
+            q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs, stride_qm, stride_dom, stride_bias_m,
+            stride_mask_m, offs_n, offs_m, key_ok, d_ok, dv_ok,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, *for_tiles, start, full_start, num_q, lo, hi, scale, softcap,
+            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, *for_tiles, full_start, full_end, num_q, lo, hi, scale, softcap,
+            False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, *for_tiles, full_end, end, num_q, lo, hi, scale, softcap,
+            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
+        )
+    dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh
+    tl.store(dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk * scale,
+             mask=key_ok[:, None] & d_ok[None, :])
+    dv_ptrs = DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn
+    dv_ptrs = dv_ptrs + offs_dv[None, :] * stride_dvd
+    tl.store(dv_ptrs, dv, mask=key_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta,
+    k_ptrs, v_ptrs, bias_ptrs, mask_ptrs,
+    stride_kn, stride_vn, stride_bias_n, stride_mask_n,
+    offs_m, offs_n, row_ok, d_ok, dv_ok,
+    start, end, num_k, lo, hi, scale, softcap,
+    PARTIAL: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dQ of one query tile over key tiles ``[start, end)``."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < num_k
+        if PARTIAL:
+            k_t = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            v_t = tl.load(v_ptrs + start_n * stride_vn, mask=dv_ok[:, None] & col_ok[None, :], other=0.0)
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+        else:
+            k_t = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[:, None], other=0.0)
+            v_t = tl.load(v_ptrs + start_n * stride_vn, mask=dv_ok[:, None], other=0.0)
+            tile_ok = row_ok[:, None]
+        s = _dot(q, k_t, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PRECISION) * scale
+        if SOFTCAP:
+            t = _tanh(s / softcap, LIBDEVICE)
+            s = softcap * t
+        if HAS_BIAS:
+            s += tl.load(bias_ptrs + start_n * stride_bias_n, mask=tile_ok, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            hidden = tl.load(mask_ptrs + start_n * stride_mask_n, mask=tile_ok, other=1) != 0
+            s = tl.where(hidden, float("-inf"), s)
+        if PARTIAL:
+            keep = col_ok[None, :] & _band_keep(offs_m, cols, lo, hi, HAS_LO, HAS_HI)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+        dp = _dot(do, v_t, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _dot(ds.to(k_t.dtype), tl.trans(k_t), dq, DOT_F32, PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, Lse, Delta, Bias, Mask, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    num_heads, group, num_q, num_k, lo, hi, scale, softcap,
+    Q_CLASS, K_CLASS,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    off_hkv = off_h // group
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < num_q
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
+    do_ptrs = do_ptrs + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    do = tl.load(do_ptrs, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse = tl.load(Lse + off_bh.to(tl.int64) * num_q + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + off_bh.to(tl.int64) * num_q + offs_m, mask=row_ok, other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn
+    bias_ptrs = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+    bias_ptrs = bias_ptrs + offs_m[:, None].to(tl.int64) * stride_bias_m + offs_n[None, :] * stride_bias_n
+    mask_ptrs = Mask + off_b * stride_mask_b + off_h * stride_mask_h
+    mask_ptrs = mask_ptrs + offs_m[:, None].to(tl.int64) * stride_mask_m + offs_n[None, :] * stride_mask_n
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    row0 = start_m * BLOCK_M
+    row_last = tl.minimum(row0 + BLOCK_M, num_q) - 1
+    start, full_start, full_end, end = _tile_ranges(row0, row_last, num_k, lo, hi, HAS_LO, HAS_HI, BLOCK_N)
+    for_tiles = (
+        k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, stride_kn, stride_vn, stride_bias_n, stride_mask_n,
+        offs_m, offs_n, row_ok, d_ok, dv_ok,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, *for_tiles, start, full_start, num_k, lo, hi, scale, softcap,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, *for_tiles, full_start, full_end, num_k, lo, hi, scale, softcap,
+        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, *for_tiles, full_end, end, num_k, lo, hi, scale, softcap,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+    )
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq * scale, mask=row_ok[:, None] & d_ok[None, :])
+
+
+def attention_triton_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    *,
+    scale: float,
+    softcap: float,
+    fill: float,
+    band: Band,
+    block_q: int,
+    needs_bias_grad: bool,
+    block_k: int = 512,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Same contract as ``backward.attention_backward``: ``(dq, dk, dv, dbias)``.
+
+    ``out`` and ``lse`` are the forward's results (re-computed when not given). The kernels run
+    inside the custom op ``fa_dynamo::attention_triton_backward``, so this function can be traced
+    (aot_autograd traces the backward formula with fake tensors). A bias gradient goes to the
+    reference backward, which is traceable as it is.
+    """
+    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q)
+    if needs_bias_grad:
+        _say_once("fa_dynamo: the triton backward does not compute bias gradients; using the reference backward")
+        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=True, **kw)
+    if out is None or lse is None:
+        out, lse = attention_triton(q, k, v, bias, mask, block_k=block_k, **kw)
+    dq, dk, dv = torch.ops.fa_dynamo.attention_triton_backward(
+        grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band.min_offset, band.max_offset,
+        block_q, block_k,
+    )
+    return dq, dk, dv, None
+
+
+@torch.library.custom_op("fa_dynamo::attention_triton_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    softcap: float,
+    fill: float,
+    min_offset: Optional[int],
+    max_offset: Optional[int],
+    block_q: int,
+    block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    band = Band(min_offset, max_offset)
+    return _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, min_offset, max_offset, block_q, block_k):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k):
+    """The FA2 backward kernels: ``(dq, dk, dv)`` in the inputs' dtypes."""
+    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q)
+    reason = unsupported_reason(q, v)
+    if reason is not None or min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
+        if reason is not None:
+            _say_once(f"fa_dynamo: {reason}; using the reference backward instead")
+        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=False, **kw)[:3]
+
+    batch, heads, num_q, _ = q.shape
+    kv_heads, num_k = k.shape[1], k.shape[2]
+    rows = unserved_rows(lse, fill, mask, band, num_k).any(dim=0).any(dim=0).nonzero().flatten()
+    delta = (grad_out.float() * out.float()).sum(-1)
+    lse_k = lse.float().contiguous()
+    if rows.numel():  # the reference serves these rows: their kernel contribution must be zero
+        lse_k = lse_k.index_fill(2, rows, float("inf"))
+        delta = delta.index_fill(2, rows, 0.0)
+    delta = delta.contiguous()
+
+    full = (batch, heads, num_q, num_k)
+    bias_t, bias_s = _dense_args(bias, full, q)
+    mask_t, mask_s = _dense_args(mask, full, q)
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+    common = (heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, scale, softcap,
+              _seq_class(num_q), _seq_class(num_k))
+    consts = _constexprs(q, v, bias, mask, softcap, band)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bias_s, *mask_s)
+    try:
+        _launch(
+            _attn_bwd_dkdv, lambda meta: (triton.cdiv(num_k, meta["BLOCK_N"]), batch * kv_heads),
+            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, dk, dv, *strides, *dk.stride(), *dv.stride(),
+             heads, kv_heads, *common),
+            consts, q, block_q, block_k, bias, mask, backward=True,
+        )
+        _launch(
+            _attn_bwd_dq, lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads),
+            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, dq, *strides, *dq.stride(), heads, *common),
+            consts, q, block_q, block_k, bias, mask, backward=True,
+        )
+    except _RESOURCE_ERRORS as e:
+        _say_once(f"fa_dynamo: no triton backward tile config fits this GPU ({type(e).__name__}); using the reference")
+        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=False, **kw)[:3]
+    if rows.numel():
+        _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, **kw)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scale, softcap, fill, band, block_q):
+    """Add the reference's gradients of query rows ``rows`` (in place, fp32 buffers).
+
+    The reference backward is autograd through ``reference_attention``; this is the same chain
+    written out (autograd does not record inside a custom op): softmax backward, ``masked_fill``
+    backward (zero where hidden), tanh backward, the two matmuls. So NaN lands exactly where
+    autograd puts it (e.g. ``dv`` of a row whose scores are all ``-inf``).
+    """
+    num_kv_heads, keys = k.shape[1], torch.arange(k.shape[2], device=q.device)
+    k_c, v_c = k.float().unsqueeze(2), v.float().unsqueeze(2)  # [B, Hkv, 1, Sk, D]
+    for idx in rows.split(block_q):
+        q_r = q.index_select(2, idx)
+        s = masked_scores(q_r, k, idx, scale=scale, softcap=softcap, bias=rows_of(bias, idx),
+                          mask=rows_of(mask, idx), fill=fill, band=band)  # [B, Hkv, G, n, Sk]
+        p = torch.softmax(s, dim=-1)
+        do_r = group_heads(grad_out.index_select(2, idx).float(), num_kv_heads)
+        dp = do_r @ v_c.transpose(-1, -2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        hidden = band.hidden(idx, keys)
+        if mask is not None:
+            hidden = hidden | group_heads(rows_of(mask, idx), num_kv_heads)
+        ds = ds.masked_fill(hidden, 0.0)
+        q_g = group_heads(q_r.float(), num_kv_heads)
+        if softcap > 0:
+            t = torch.tanh((q_g @ k_c.transpose(-1, -2)) * scale / softcap)
+            ds = ds * (1.0 - t * t)
+        dq.index_copy_(2, idx, (ds @ k_c).flatten(1, 2) * scale)
+        dk += (ds.transpose(-1, -2) @ q_g).sum(2) * scale
+        dv += (p.transpose(-1, -2) @ do_r).sum(2)

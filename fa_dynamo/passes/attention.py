@@ -191,6 +191,8 @@ def _walk_scores(x: fx.Node) -> tuple[list, fx.Node]:
             a, b = node.args
             if not isinstance(b, fx.Node) or not isinstance(a, fx.Node):
                 raise NotFusable("a scalar is added to the scores")
+            if not (_leads_to_scores(a) or _leads_to_scores(b)):
+                raise NotFusable(f"no Q·Kᵀ matmul found behind {node.name}: the scores come from an unrecognized op")
             chain, other = (a, b) if _leads_to_scores(a) else (b, a)
             events.append(("bias", other, node))
             node = chain

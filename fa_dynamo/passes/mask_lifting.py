@@ -328,6 +328,8 @@ class _Interpreter:
             coefs[p] = coefs.get(p, 0) - c
         coefs = {p: c for p, c in coefs.items() if c}
         const = a.const - b.const  # the comparison is: sum(coefs) + const  OP  0
+        if len(coefs) == 1 and const.is_static:
+            return self._compare_one_index(n, a, b, coefs, const.const, op)
         if set(coefs) != {-1, -2} or coefs[-1] != -coefs[-2] or abs(coefs[-1]) != 1:
             raise _NotLiftable("a comparison that is not of the form (j - i) vs offset")
         if coefs[-1] == -1:  # -(j - i) + c OP 0  <=>  (j - i) - c  OP'  0
@@ -344,6 +346,23 @@ class _Interpreter:
             aten.ne: Interval(lo=bound, hi=bound, complement=True),
         }[op]
         return Select(interval, True, False, max(a.rank, b.rank))
+
+    def _compare_one_index(self, n: fx.Node, a: Affine, b: Affine, coefs: dict, const: int, op) -> Select:
+        """``coef * index + const OP 0`` over one axis: constant when it holds (or fails) for
+        every index of the arange (transformers' bidirectional ``q_idx >= 0``)."""
+        (pos, coef), = coefs.items()
+        extents = dict(a.extents + b.extents)
+        if pos not in extents:
+            raise _NotLiftable("a comparison of an index of unknown extent")
+        ends = (const, coef * (extents[pos] - 1) + const)
+        test = {aten.le: lambda x: x <= 0, aten.lt: lambda x: x < 0, aten.ge: lambda x: x >= 0,
+                aten.gt: lambda x: x > 0, aten.eq: lambda x: x == 0, aten.ne: lambda x: x != 0}[op]
+        lo, hi = min(ends), max(ends)
+        if op in (aten.eq, aten.ne) and lo != hi:
+            raise _NotLiftable("a comparison that depends on one index")
+        if test(lo) != test(hi):
+            raise _NotLiftable("a comparison that depends on one index")
+        return Select(Interval(), test(lo), test(lo), len(shape(n)))
 
     def _compare_select(self, a: Select, b: Any, op) -> Select:
         if not isinstance(b, (int, float, bool)) or a.inside == a.outside or a.dense:

@@ -131,6 +131,8 @@ def _add_bias(site: Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple,
     finfo.min terms overflow to -inf where both apply).
     """
     lifted, _ = lift_hidden_set(bias, scores_shape, site.mutated)
+    if lifted is not None and lifted.inside == lifted.outside == 0 and not lifted.dense:
+        return  # adding zeros (T5's cross-attention position_bias) changes nothing
     if lifted is not None and 0 in (lifted.inside, lifted.outside) and lifted.inside != lifted.outside:
         value = round_to(lifted.outside if lifted.inside == 0 else lifted.inside, dtype(add_node))
         absorbing = value == float("-inf") or (

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 ENV_PREFIX = "FA_DYNAMO_"
 
-KERNELS = ("auto", "cpu", "triton", "npu", "sdpa", "reference")
+KERNELS = ("auto", "cpu", "triton", "npu", "sdpa", "reference", "xformers")
 INNER_COMPILERS = ("inductor", "eager")
 OFFLOAD_MODES = ("off", "auto", "on")
 OFFLOAD_STRATEGIES = ("auto", "host", "stream")
@@ -36,7 +36,7 @@ class FastAttentionConfig:
     offload: str = "off"
     """CPU-offload of K/V kept in host memory: off / auto / on."""
     kernel: str = "auto"
-    """Attention kernel: auto picks by device; cpu / triton / npu / sdpa / reference force one."""
+    """Attention kernel: auto picks by device; cpu / triton / npu / sdpa / reference / xformers force one."""
     inner: str = "inductor"
     """Compiler for the rest of the graph: inductor or eager (aot_autograd, no codegen)."""
     log: str = "warning"

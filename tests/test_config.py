@@ -30,7 +30,7 @@ def test_cache_key_tracks_every_field():
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"FA_DYNAMO_KERNEL": "cuda"}, "FA_DYNAMO_KERNEL.*auto, cpu, triton, npu, sdpa, reference"),
+        ({"FA_DYNAMO_KERNEL": "cuda"}, "FA_DYNAMO_KERNEL.*auto, cpu, triton, npu, sdpa, reference, xformers"),
         ({"FA_DYNAMO_INNER": "tvm"}, "FA_DYNAMO_INNER.*inductor, eager"),
         ({"FA_DYNAMO_OFFLOAD": "maybe"}, "FA_DYNAMO_OFFLOAD.*off, auto, on"),
         ({"FA_DYNAMO_LOG": "loud"}, "FA_DYNAMO_LOG"),

@@ -201,6 +201,16 @@ def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, t
         if attention_triton is not None:  # it falls back itself (logged) on what it cannot serve
             return attention_triton(q, k, v, bias, mask, **kw)
         kernel = "auto"
+    if kernel == "xformers":
+        if q.device.type == "cuda":
+            from fa_dynamo.kernels.xformers_dispatch import attention_xformers
+
+            result = attention_xformers(q, k, v, bias, mask, **kw)  # None: not served (said once)
+            if result is not None:
+                return result
+        else:
+            _say_once("fa_dynamo: the xformers kernel serves CUDA tensors only; using another kernel instead")
+        kernel = "auto"
     if kernel == "npu" or (kernel == "auto" and q.device.type == "npu"):
         if q.device.type == "npu":
             from fa_dynamo.kernels.npu import attention_npu

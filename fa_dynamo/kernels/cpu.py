@@ -30,6 +30,8 @@ _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # exp(x) is exactly 0 in float32 below this: a masked score this far under the row's
 # log-sum-exp contributes nothing, whether it was filled with -inf or with a finite value.
 _NEGLIGIBLE_LOG = -110.0
+# Below this a float32 lse cannot hold log(n) (its ulp exceeds it): such rows are recomputed.
+_HUGE_NEGATIVE = -1e30
 
 
 def _slice_keys(t: Optional[torch.Tensor], k0: int, k1: int) -> Optional[torch.Tensor]:
@@ -103,9 +105,11 @@ class _Problem:
             mask=_slice_keys(_slice_rows(self.mask, q0, q1), k0, k1),
             fill=float("-inf"), band=self.band if with_band else Band(),
         )
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
-        out = torch.matmul(p, v_s.to(s.dtype).unsqueeze(2))
+        m = s.amax(dim=-1, keepdim=True)
+        p = torch.exp(s - torch.where(torch.isneginf(m), 0.0, m))
+        total = p.sum(dim=-1, keepdim=True)
+        out = torch.matmul(p / torch.where(total == 0, 1.0, total), v_s.to(s.dtype).unsqueeze(2))
+        lse = (m + torch.log(total)).squeeze(-1)
         return out.flatten(1, 2), lse.flatten(1, 2)
 
 
@@ -179,8 +183,10 @@ def unserved_rows(
     lse: torch.Tensor, fill: float, mask: Optional[torch.Tensor], band: Band, num_keys: int
 ) -> torch.Tensor:
     """Bool ``[B, H, Sq]``: rows a fast kernel (masked scores dropped, ``lse`` from what it saw)
-    cannot serve exactly — no visible key, or a finite fill value that is not negligible."""
-    unserved = torch.isneginf(lse)
+    cannot serve exactly — no visible key, a finite fill value that is not negligible, or an
+    lse so negative (a finfo.min bias hiding the whole row) that float32 lost log(n) next to it
+    and merging partial results by it would be wrong."""
+    unserved = torch.isneginf(lse) | (lse < _HUGE_NEGATIVE)
     if math.isfinite(fill) and (mask is not None or not band.is_unbounded):
         unserved |= fill > lse + (_NEGLIGIBLE_LOG - math.log(num_keys))
     return unserved

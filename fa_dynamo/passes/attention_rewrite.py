@@ -7,6 +7,7 @@ brought to 4-D, and the op's output is put back in the layout P·V had.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from typing import Any, Optional, Union
@@ -169,6 +170,7 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
     op_dtype = in_dtypes[0]
     for d in in_dtypes[1:]:
         op_dtype = torch.promote_types(op_dtype, d)
+    anchor = pv.prev
     with graph.inserting_before(pv):
         sizes = _batch_sizes(graph, site)
         grouped = _kv_heads(site.k, site) == _kv_heads(site.v, site)
@@ -202,7 +204,27 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
             out = graph.call_function(aten.permute.default, (out, site.out_permute))
         if dtype(pv) != op_dtype:
             out = graph.call_function(aten.to.dtype, (out, dtype(pv)))
+    _type_check(anchor, pv, out)
     pv.replace_all_uses_with(out)
+
+
+def _type_check(anchor: fx.Node, pv: fx.Node, out: fx.Node) -> None:
+    """Run the inserted nodes on fake tensors: the op's own input checks reject a wrong
+    layout here, at compile time, and the output must match what P·V produced. Every new
+    node gets its ``val``, so later sites can read shapes off a rewritten one."""
+    mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in pv.all_input_nodes])
+    node = anchor.next
+    try:
+        with mode or contextlib.nullcontext():
+            while node is not pv:
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+                node.meta["val"] = node.target(*args, **kwargs)
+                node = node.next
+    except Exception as e:  # the rewrite is wrong for this site: leave it alone
+        raise NotFusable(f"the rewrite does not type-check ({type(e).__name__}: {e})") from e
+    got, want = out.meta["val"], pv.meta["val"]
+    if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+        raise NotFusable(f"the rewrite gives {tuple(got.shape)} {got.dtype}, P·V gave {tuple(want.shape)} {want.dtype}")
 
 
 def _relayout(graph: fx.Graph, node: fx.Node, sizes: list) -> fx.Node:

@@ -156,9 +156,11 @@ def attention_cpu(
         return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
 
-    # Whole-call fast path: the semantics of ATen's kernel are exactly ours and no row is empty.
+    # Whole-call fast path: ATen's kernel is top-left causal or unmasked, no row is empty; a
+    # finite fill for the hidden keys is checked row by row like everywhere else.
     if _aten_serves(q, v, softcap) and bias is None and mask is None and band.min_offset is None and band.max_offset in (None, 0):
         out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, scale=scale)
+        _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
         return out, lse
 
     problem = _Problem(q, k, v, bias, mask, scale, softcap, band)

@@ -104,7 +104,9 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
         beta, alpha = qk.kwargs.get("beta", 1), qk.kwargs.get("alpha", 1)
         if beta not in (0, 1) or python_scalar(alpha) is None:
             raise NotFusable(f"baddbmm with beta={beta}, alpha={alpha}")
-        events = [("scale", (alpha, 1))] + ([("bias", qk.args[0], qk)] if beta == 1 else []) + events
+        bias = qk.args[0]
+        zeros = is_op(bias, aten.zeros, aten.new_zeros) or (is_op(bias, aten.full) and bias.args[1] == 0)
+        events = [("scale", (alpha, 1))] + ([("bias", bias, qk)] if beta == 1 and not zeros else []) + events
     pv = _walk_probs(softmax)
     site = Site(softmax, qk, pv, mutated=mutated)
     _read_qk(site)
@@ -218,8 +220,14 @@ def _fill_value(arg: Any, scores_dtype: torch.dtype) -> float:
     """The constant masked scores become, as stored in the scores' dtype (a float32 finfo.min
     written into bfloat16 scores is -inf)."""
     value = python_scalar(arg)
+    while value is None and is_op(arg, aten.lift_fresh_copy, aten.clone, aten.detach, aten.detach_, *_CASTS) and shape(arg) == ():
+        arg = arg.args[0]  # torch.tensor(-1e4) arrives as a copied constant
     if value is None and isinstance(arg, fx.Node) and is_op(arg, aten.scalar_tensor, aten.full) and shape(arg) == ():
         value = python_scalar(arg.args[0] if is_op(arg, aten.scalar_tensor) else arg.args[1])
+    if value is None and isinstance(arg, fx.Node) and arg.op == "get_attr":
+        constant = getattr(arg.graph.owning_module, arg.target, None)
+        if isinstance(constant, torch.Tensor) and constant.dim() == 0 and constant.is_floating_point():
+            value = float(constant)
     if value is None:
         raise NotFusable("masked scores are filled with a tensor, not a constant")
     return round_to(value, scores_dtype)

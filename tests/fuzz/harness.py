@@ -1,0 +1,145 @@
+"""Run one generated program: exec its source, compile it with the backend, compare with eager.
+
+``check(source)`` is the whole property, shared by the hypothesis test, the regression replay
+and the survey script:
+
+* eager runs first; a program eager cannot run is a generator bug (``InvalidProgram``);
+* the compiled function (``tests.conftest.Compiled``: strict mode, inner eager; dynamic when the
+  program says so) must give the same outputs on every ``SHAPES`` entry: NaN exactly where
+  eager has NaN, values within the dtype tolerances of ``assert_same_as_eager``, or, failing
+  that, no further from a float64 run of the same program than 2x eager's own error (so that
+  a fused kernel that is *more* accurate than a bfloat16 eager run is not a failure), where
+  eager itself is within 50x its tolerance of the float64 run;
+* with ``GRAD``, gradients of a fixed random projection of the outputs w.r.t. every float input
+  likewise (3x for the float64 comparison), on shapes whose outputs have no NaN;
+* with ``IS_ATTENTION and EXPECT_FUSED``, the op must have been used (``require_fusion``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import linecache
+from dataclasses import dataclass, field
+
+import torch
+
+from tests.conftest import Compiled
+
+TOLERANCES = {  # (atol, rtol) against eager, as tests.conftest.assert_same_as_eager
+    torch.float32: (2e-5, 1e-4), torch.float64: (1e-10, 1e-8), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3),
+}
+FLOORS = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+_names = itertools.count()
+
+
+class Mismatch(AssertionError):
+    """The compiled program's result differs from eager."""
+
+
+class NotFused(AssertionError):
+    """An attention program was left unfused."""
+
+
+class InvalidProgram(Exception):
+    """Eager cannot run the program: the generator wrote something invalid."""
+
+
+@dataclass
+class Outcome:
+    fused: int
+    refused: list = field(default_factory=list)  # (where, why)
+
+
+def load(source: str) -> dict:
+    """The program's module namespace (its source registered with linecache for tracebacks)."""
+    filename = f"<fuzz-program-{next(_names)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"__name__": "fuzz_program"}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace
+
+
+def check(source: str, require_fusion: bool = True) -> Outcome:
+    ns = load(source)
+    fn = ns["program"]
+    compiled = Compiled(fn, dynamic=True if ns["DYNAMIC"] else None)
+    for index, shape in enumerate(ns["SHAPES"]):
+        inputs = ns["make_inputs"](torch.Generator().manual_seed(index), **shape)
+        try:
+            expected = fn(*inputs)
+        except Exception as e:  # noqa: BLE001
+            raise InvalidProgram(f"eager raised {type(e).__name__}: {e}") from e
+        actual = compiled(*inputs)
+        compare(actual, expected, lambda: fn(*_to_double(inputs)), f"output, shape {shape}")
+        if ns["GRAD"] and not any(t.isnan().any() for t in _flat(expected)):
+            ours, theirs = _grads(compiled, inputs), _grads(fn, inputs)
+            compare(ours, theirs, lambda: _grads(fn, _to_double(inputs)), f"gradients, shape {shape}", factor=3.0)
+    outcome = Outcome(compiled.fused, list(compiled.refused))
+    if require_fusion and ns["IS_ATTENTION"] and ns["EXPECT_FUSED"] and outcome.fused == 0:
+        raise NotFused(f"attention left unfused; refused: {outcome.refused}")
+    return outcome
+
+
+def compare(actual, expected, reference, what: str, factor: float = 2.0) -> None:
+    """``actual`` equals ``expected`` (eager); ``reference()`` gives the float64 run, lazily."""
+    actual, expected = _flat(actual), _flat(expected)
+    if len(actual) != len(expected):
+        raise Mismatch(f"{what}: {len(actual)} outputs, eager has {len(expected)}")
+    ref = None
+    for n, (a, e) in enumerate(zip(actual, expected)):
+        if a is None and e is None:
+            continue
+        a = torch.zeros_like(e) if a is None else a
+        e = torch.zeros_like(a) if e is None else e
+        if a.shape != e.shape or a.dtype != e.dtype:
+            raise Mismatch(f"{what} {n}: {tuple(a.shape)} {a.dtype}, eager {tuple(e.shape)} {e.dtype}")
+        if not torch.equal(a.isnan(), e.isnan()):
+            raise Mismatch(
+                f"{what} {n}: NaN pattern differs: eager has {int(e.isnan().sum())} NaN, compiled "
+                f"{int(a.isnan().sum())}, {int((a.isnan() != e.isnan()).sum())} positions differ"
+            )
+        if e.is_floating_point() is False or a.numel() == 0:
+            if not torch.equal(a, e):
+                raise Mismatch(f"{what} {n}: differs from eager")
+            continue
+        atol, rtol = TOLERANCES[e.dtype]
+        if torch.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True):
+            continue
+        if ref is None:
+            try:
+                ref = _flat(reference())
+            except Exception as err:  # noqa: BLE001  (a program written for one dtype only)
+                raise Mismatch(f"{what} {n}: differs from eager beyond tolerance; the float64 run failed: {err}")
+        r = ref[n] if ref[n] is not None else torch.zeros_like(e, dtype=torch.float64)
+        finite = e.isfinite() & r.isfinite() & a.isfinite()
+        err = ((a.double() - r).abs() * finite).nan_to_num().max().item()
+        eager_err = ((e.double() - r).abs() * finite).nan_to_num().max().item()
+        diff = ((a.double() - e.double()).abs() * finite).nan_to_num().max().item()
+        # the float64 run vouches for the compiled result only where it is close to eager (a program
+        # whose meaning depends on its dtype — finfo(s.dtype).min — is not the same program in float64)
+        trusted = eager_err <= 50 * atol
+        if not trusted or not torch.equal(a.isinf(), e.isinf()) or err > factor * eager_err + FLOORS[e.dtype]:
+            raise Mismatch(
+                f"{what} {n}: max |compiled - eager| = {diff:.3g} (tolerance {atol:g} + {rtol:g}·|eager|); "
+                f"against float64: compiled {err:.3g}, eager {eager_err:.3g}"
+            )
+
+
+def _flat(x) -> list:
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def _to_double(inputs) -> list:
+    return [t.double() if t.is_floating_point() else t for t in inputs]
+
+
+def _grads(fn, inputs) -> list:
+    """Gradients of a fixed random projection of ``fn``'s outputs w.r.t. every float input."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    outs = _flat(fn(*leaves))
+    gen = torch.Generator().manual_seed(1234)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+    floats = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(loss, floats, allow_unused=True)
+    return list(grads)

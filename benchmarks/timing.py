@@ -58,9 +58,19 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> T
 
 
 def measure_interleaved(
-    fns: Mapping[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    budget_s: Optional[float] = None,
+    min_repeats: int = 3,
 ) -> dict[str, Timing]:
-    """``measure`` for several callables, one call of each per round (same warm-up/median rule)."""
+    """``measure`` for several callables, one call of each per round (same warm-up/median rule).
+
+    With ``budget_s``, the number of timed rounds drops (never below ``min_repeats``) so that
+    they take about ``budget_s`` at the pace of the last warm-up round: on a loaded machine the
+    run stays bounded instead of stretching with the load.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     warm: dict[str, list[float]] = {name: [] for name in fns}
@@ -68,6 +78,10 @@ def measure_interleaved(
     for _ in range(warmup):
         for name, fn in fns.items():
             warm[name].append(_once(fn))
+    if budget_s is not None and warmup > 0:
+        round_s = sum(w[-1] for w in warm.values())
+        if round_s > 0:
+            repeats = max(min(min_repeats, repeats), min(repeats, int(budget_s // round_s)))
     for _ in range(repeats):
         for name, fn in fns.items():
             samples[name].append(_once(fn))

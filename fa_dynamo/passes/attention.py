@@ -63,10 +63,13 @@ class AttentionPass(GraphPass):
     def run(self, gm: fx.GraphModule, config: FastAttentionConfig, report: PassReport) -> None:
         graph = gm.graph
         mutated = frozenset(mutated_nodes(graph))
+        autocast = _inside_autocast(graph)
         for softmax in list(graph.nodes):
             if not is_op(softmax, aten.softmax, aten._softmax) or softmax.graph is not graph:
                 continue
             try:
+                if softmax in autocast:
+                    raise NotFusable("inside a torch.autocast region (the op has no autocast rule yet)")
                 site = _match(softmax, mutated)
                 rewrite(graph, site, config)
             except NotFusable as e:
@@ -75,6 +78,21 @@ class AttentionPass(GraphPass):
                 continue
             report.sites.append(SiteReport(describe(softmax), True, mask=_mask_kind(site), kernel=config.kernel))
             graph.eliminate_dead_code()
+
+
+def _inside_autocast(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes between ``_enter_autocast`` and ``_exit_autocast`` (pre-dispatch graphs keep the
+    region; autocast's casts are applied later, so the op would run in the wrong dtype)."""
+    inside, depth = set(), 0
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", "")
+        if name == "_enter_autocast":
+            depth += 1
+        elif name == "_exit_autocast":
+            depth = max(0, depth - 1)
+        elif depth:
+            inside.add(node)
+    return inside
 
 
 def _mask_kind(site: Site) -> str:

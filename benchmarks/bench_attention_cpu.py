@@ -538,7 +538,9 @@ def markdown(report: dict) -> str:
             if "skipped" in r or "error" in r:
                 lines.append(f"| {LABELS[name]} | {r.get('skipped') or r.get('error')} | |")
             else:
-                lines.append(f"| {LABELS[name]} | {r['peak_delta_mib']:.0f} | {r['first_call_peak_delta_mib']:.0f} |")
+                # max(0, ·): when the allocator reuses the warm-up call's freed blocks RSS may not rise at all
+                peak, first = max(0.0, r["peak_delta_mib"]), max(0.0, r["first_call_peak_delta_mib"])
+                lines.append(f"| {LABELS[name]} | {peak:.0f} | {first:.0f} |")
     h = report.get("headline")
     if h:
         lines += ["", "## Headline", ""] + [f"- {line}" for line in h]

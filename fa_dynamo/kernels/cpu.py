@@ -194,9 +194,19 @@ def unserved_rows(
     return unserved
 
 
+def _nan_rows(q, k, v, bias) -> torch.Tensor:
+    """Bool ``[B, H, Sq]``: rows eager may give NaN for and ATen's flash kernel does not (it
+    returns a finite row for a NaN query). A NaN in a query row marks that row; a NaN in any key,
+    value or bias entry marks every row, as which rows see it depends on the mask. O(inputs)."""
+    rows = q.isnan().any(dim=-1)
+    if k.isnan().any() or v.isnan().any() or (bias is not None and bias.isnan().any()):
+        rows = torch.ones_like(rows)
+    return rows
+
+
 def _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q) -> None:
     """Overwrite, with the reference, rows whose masked scores are not negligible (in place)."""
-    unserved = unserved_rows(lse, fill, mask, band, k.shape[2])
+    unserved = unserved_rows(lse, fill, mask, band, k.shape[2]) | _nan_rows(q, k, v, bias)
     rows = unserved.any(dim=0).any(dim=0).nonzero().flatten()
     for start in range(0, rows.numel(), block_q):
         idx = rows[start : start + block_q]

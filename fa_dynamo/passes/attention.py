@@ -120,7 +120,7 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
     events, qk = _walk_scores(x)
     if is_op(qk, aten.baddbmm):  # beta * bias + alpha * (q @ kᵀ)
         beta, alpha = qk.kwargs.get("beta", 1), qk.kwargs.get("alpha", 1)
-        if beta not in (0, 1) or python_scalar(alpha) is None:
+        if beta not in (0, 1) or (python_scalar(alpha) is None and not is_symbolic_scalar(alpha)):
             raise NotFusable(f"baddbmm with beta={beta}, alpha={alpha}")
         bias = qk.args[0]
         zeros = is_op(bias, aten.zeros, aten.new_zeros) or (is_op(bias, aten.full) and bias.args[1] == 0)

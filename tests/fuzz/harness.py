@@ -4,12 +4,13 @@
 and the survey script:
 
 * eager runs first; a program eager cannot run is a generator bug (``InvalidProgram``);
-* the compiled function (``tests.conftest.Compiled``: strict mode, inner eager; dynamic when the
-  program says so) must give the same outputs on every ``SHAPES`` entry: NaN exactly where
-  eager has NaN, values within the dtype tolerances of ``assert_same_as_eager``, or, failing
-  that, no further from a float64 run of the same program than 2x eager's own error (so that
-  a fused kernel that is *more* accurate than a bfloat16 eager run is not a failure), where
-  eager itself is within 50x its tolerance of the float64 run;
+* the compiled function (``tests.conftest.Compiled``: strict mode, inner eager, the program's
+  ``OPTIONS`` if any — tile sizes, kernel; dynamic when the program says so) must give the same
+  outputs on every ``SHAPES`` entry: NaN exactly where eager has NaN, values within the dtype
+  tolerances of ``assert_same_as_eager``, or, failing that, no further from a float64 run of the
+  same program than 2x eager's own error (so that a fused kernel that is *more* accurate than a
+  bfloat16 eager run is not a failure), where eager itself is within 50x its tolerance of the
+  float64 run;
 * with ``GRAD``, gradients of a fixed random projection of the outputs w.r.t. every float input
   likewise (3x for the float64 comparison), on shapes whose outputs have no NaN;
 * with ``IS_ATTENTION and EXPECT_FUSED``, the op must have been used (``require_fusion``).
@@ -63,7 +64,7 @@ def load(source: str) -> dict:
 def check(source: str, require_fusion: bool = True) -> Outcome:
     ns = load(source)
     fn = ns["program"]
-    compiled = Compiled(fn, dynamic=True if ns["DYNAMIC"] else None)
+    compiled = Compiled(fn, options=ns.get("OPTIONS"), dynamic=True if ns["DYNAMIC"] else None)
     for index, shape in enumerate(ns["SHAPES"]):
         inputs = ns["make_inputs"](torch.Generator().manual_seed(index), **shape)
         try:

@@ -79,7 +79,7 @@ INDEX_FORMS = (("torch.arange(sq)[:, None]", "torch.arange(sk)[None, :]"),
 def _apply_visible(draw, w: Writer, vis: str, fill: str, state: dict) -> None:
     """Hide the scores where the boolean source expression ``vis`` is False."""
     forms = [f"torch.where({vis}, s, {fill})"]
-    if masked_fill_ok(fill, w.dtype):
+    if masked_fill_ok(fill, w.scores_dtype):
         forms += [f"s.masked_fill(~({vis}), {fill})", f"s.masked_fill(({vis}).logical_not(), {fill})",
                   f"torch.where({vis}, s, torch.full([], {fill}, dtype=s.dtype))",  # GPT-2's mask_value
                   f"torch.where({vis}, s, torch.tensor({fill}, dtype=s.dtype))"]
@@ -93,7 +93,7 @@ def _apply_visible(draw, w: Writer, vis: str, fill: str, state: dict) -> None:
 def _apply_hidden(draw, w: Writer, hid: str, fill: str, state: dict) -> None:
     """Hide the scores where the boolean source expression ``hid`` is True."""
     forms = [f"torch.where({hid}, {fill}, s)"]
-    if masked_fill_ok(fill, w.dtype):
+    if masked_fill_ok(fill, w.scores_dtype):
         forms.insert(0, f"s.masked_fill({hid}, {fill})")
     form = draw(st.sampled_from(forms))
     if state["inplace"] and form.startswith("s.masked_fill(") and draw(st.booleans()):
@@ -143,7 +143,7 @@ def _mask_causal(draw, w: Writer, fill: str, state: dict, shapes: list) -> None:
     form = draw(st.sampled_from(forms))
     w.tag("causal_form", form)
     if form == "triu_full_add":
-        full, cast = _full(fill, w.dtype)
+        full, cast = _full(fill, w.scores_dtype)
         m = draw(st.sampled_from([f"torch.triu({full}, diagonal={plus(off, 1)}){cast}", f"{full}.triu({plus(off, 1)}){cast}"]))
         _apply_additive(draw, w, m, state)
     elif form == "ones_triu_fill":
@@ -170,7 +170,7 @@ def _mask_causal(draw, w: Writer, fill: str, state: dict, shapes: list) -> None:
         _apply_additive(draw, w, f"torch.where({vis}, {zero}, {fill}).to(s.dtype)", state)
     elif form == "zeros_fill_add":
         _indices(w, state)
-        if masked_fill_ok(fill, w.dtype):
+        if masked_fill_ok(fill, w.scores_dtype):
             m = f"torch.zeros(sq, sk, dtype=s.dtype).masked_fill(j > i + {off}, {fill})"
         else:
             m = f"torch.zeros(sq, sk).masked_fill(j > i + {off}, {fill}).to(s.dtype)"
@@ -179,7 +179,9 @@ def _mask_causal(draw, w: Writer, fill: str, state: dict, shapes: list) -> None:
         w(f"keep = q.new_ones(sq, sk, dtype=torch.bool).tril({off})")
         _apply_visible(draw, w, "keep", fill, state)
     elif form == "tril_cast_bool":
-        w(f"keep = {draw(st.sampled_from(['torch.tril(torch.ones(sq, sk), diagonal=OFF).bool()', 'torch.ones(sq, sk).tril(OFF).to(torch.bool)'])).replace('OFF', off)}")
+        keep = draw(st.sampled_from(["torch.tril(torch.ones(sq, sk), diagonal=OFF).bool()",
+                                     "torch.ones(sq, sk).tril(OFF).to(torch.bool)"]))
+        w(f"keep = {keep.replace('OFF', off)}")
         _apply_visible(draw, w, "keep", fill, state)
     elif form == "expand_4d":  # HF's _expand_mask: [sq, sk] -> [b, 1, sq, sk]
         vis = _band_visible(draw, w, None, off, state)
@@ -189,7 +191,7 @@ def _mask_causal(draw, w: Writer, fill: str, state: dict, shapes: list) -> None:
         w(f"buffer = torch.ones({BUFFER}, {BUFFER}, dtype=torch.bool).tril()")
         _apply_visible(draw, w, "buffer[sk - sq : sk, :sk]", fill, state)
     else:  # float_buffer_slice: an additive causal buffer, sliced
-        full, cast = _full(fill, w.dtype)
+        full, cast = _full(fill, w.scores_dtype)
         full = full.replace("(sq, sk)", f"({BUFFER}, {BUFFER})")
         _apply_additive(draw, w, f"{full}.triu(1){cast}[sk - sq : sk, :sk]", state)
 
@@ -204,7 +206,7 @@ def _mask_window(draw, w: Writer, fill: str, state: dict, shapes: list) -> None:
     if form == "arange":
         _apply_visible(draw, w, _band_visible(draw, w, lo, off, state), fill, state)
     elif form == "two_triangles_add":
-        full, cast = _full(fill, w.dtype)
+        full, cast = _full(fill, w.scores_dtype)
         _apply_additive(draw, w, f"({full}.triu({plus(off, 1)}){cast} + {full}.tril({lo}){cast})", state)
     else:
         ones = "torch.ones(sq, sk, dtype=torch.bool)"
@@ -310,10 +312,10 @@ def _mask_band_and_padding(draw, w: Writer, fill: str, state: dict, shapes: list
 def _mask_prefix_lm(draw, w: Writer, fill: str, state: dict, shapes: list) -> None:
     off, _, _ = offset(draw)
     prefix = draw(st.integers(1, 4))
-    additive = draw(st.booleans()) or not masked_fill_ok(fill, w.dtype)
+    additive = draw(st.booleans()) or not masked_fill_ok(fill, w.scores_dtype)
     w.tag("prefix_lm", f"{off.replace(' ', '')},{prefix},{'add' if additive else 'bool'}")
     if additive:
-        full, cast = _full(fill, w.dtype)
+        full, cast = _full(fill, w.scores_dtype)
         w(f"m = {full}.triu({plus(off, 1)}){cast}")
         w(f"m[:, :{prefix}] = 0.0  # the prefix is visible to every query")
         _apply_additive(draw, w, "m", state)

@@ -16,6 +16,7 @@ with eager. Sources are what hypothesis shrinks, what a failure prints, and what
     GRAD = False            # also compare gradients
     DYNAMIC = False         # torch.compile(dynamic=True), run on every SHAPES entry
     SHAPES = [dict(b=2, hq=4, hkv=2, sq=5, sk=7, d=13, dv=13)]
+    OPTIONS = {'block_q': 5, 'block_k': 3}   # optional: backend options (tiles, kernel)
 
     def make_inputs(gen, b, hq, hkv, sq, sk, d, dv):
         ...
@@ -39,11 +40,14 @@ Two families:
   0-d tensor fill. Softmax by ``torch.softmax`` / ``F.softmax`` / method / ``_softmax``, with
   fp32 casts, ``_safe_softmax``, or by hand. Eval dropout, GQA (``repeat_kv``,
   ``repeat_interleave``, broadcasting), in-place score ops, a second attention site, Sq ≠ Sk,
-  Sq = 1, odd head dims, Dv ≠ D, float32 / bfloat16 / float64, dynamic shapes, gradients.
+  Sq = 1, odd head dims, Dv ≠ D, float32 / bfloat16 / float64, bfloat16 autocast, dynamic
+  shapes, gradients, and small kernel tiles or other kernels (``OPTIONS``) so that the kernel's
+  tiling runs on the masks real programs build.
   ``IS_ATTENTION`` is True; so is ``EXPECT_FUSED`` except for two softmax forms: the hand-written
   max/exp/sum softmax (the pass matches ``aten.softmax`` and is not expected to re-derive a
   softmax from ``exp``/``sum``/``div``) and ``_safe_softmax`` (0, not NaN, for a row with no
-  visible key: not what the op computes).
+  visible key: not what the op computes); and for programs under autocast (the op has no
+  autocast rule, so the pass leaves autocast regions alone).
 * ``near_miss_programs()``: look like attention but are not (or are not expressible by the
   op): softmax over another dim or of transposed scores, a transform of the probabilities,
   probabilities or scores also used, a per-head or tensor scale, a permute that is not a
@@ -114,7 +118,12 @@ class Writer:
     helpers: set = field(default_factory=lambda: {"randn"})
     tags: list = field(default_factory=list)
     returns: str = "out"
+    autocast: bool = False  # the body runs under torch.autocast("cpu", dtype=torch.bfloat16)
     buffer: list | None = None  # while set, lines go here (masks are reordered before joining the body)
+
+    @property
+    def scores_dtype(self) -> str:
+        return "bfloat16" if self.autocast else self.dtype
 
     def __call__(self, line: str) -> None:
         (self.body if self.buffer is None else self.buffer).append(line)
@@ -129,13 +138,14 @@ class Writer:
     def tag(self, key: str, value) -> None:
         self.tags.append(f"{key}={value}")
 
-    def source(self, is_attention, expect_fused, grad, dynamic, shapes) -> str:
+    def source(self, is_attention, expect_fused, grad, dynamic, shapes, options=None) -> str:
         names = ", ".join(n for n, _ in self.inputs)
         doc = ("attention" if is_attention else "near-miss") + ": " + " ".join(self.tags)
         parts = [f'"""{doc}"""', HEADER]
         parts.append(
             f"IS_ATTENTION = {is_attention}\nEXPECT_FUSED = {expect_fused}\nDTYPE = torch.{self.dtype}\n"
             f"GRAD = {grad}\nDYNAMIC = {dynamic}\nSHAPES = [{', '.join(_shape_src(s) for s in shapes)}]\n"
+            + (f"OPTIONS = {options!r}  # backend options\n" if options else "")
         )
         for h in sorted(self.helpers):
             parts.append("\n" + HELPERS[h])
@@ -143,7 +153,10 @@ class Writer:
         make += [f"    {n} = {e}" for n, e in self.inputs]
         make.append(f"    return {names}" + ("," if len(self.inputs) == 1 else ""))
         parts.append("\n" + "\n".join(make) + "\n")
-        prog = [f"def program({names}):"] + [f"    {ln}" for ln in self.body] + [f"    return {self.returns}"]
+        body = self.body + [f"return {self.returns}"]
+        if self.autocast:
+            body = ['with torch.autocast("cpu", dtype=torch.bfloat16):'] + [f"    {ln}" for ln in body]
+        prog = [f"def program({names}):"] + [f"    {ln}" for ln in body]
         parts.append("\n" + "\n".join(prog) + "\n")
         return "\n".join(parts)
 
@@ -192,7 +205,8 @@ def _scaled(draw, x: str, how: str, c: str) -> str:
 QK_SPELLINGS = ("matmul", "einsum", "bmm", "einsum_bshd", "matmul_pretransposed", "matmul_bshd") * 2 + (
     "einsum_ellipsis", "baddbmm")
 SOFTMAXES = (
-    "torch.softmax(s, dim=-1)", "torch._softmax(s, -1, False)", "F.softmax(s, dim=-1)", "s.softmax(-1)", "s.softmax(dim=LAST)", "torch.softmax(s, -1)",
+    "torch.softmax(s, dim=-1)", "torch._softmax(s, -1, False)", "F.softmax(s, dim=-1)", "s.softmax(-1)",
+    "s.softmax(dim=LAST)", "torch.softmax(s, -1)",
     "F.softmax(s.float(), dim=-1).to(v.dtype)", "F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)",
     "torch.softmax(s.float(), -1).type_as(v)", "torch.ops.aten._safe_softmax(s, -1)", "manual",
 )
@@ -200,6 +214,8 @@ DROPOUTS = ("", "F.dropout(p, p=0.1, training=False)", "F.dropout(p, 0.0)", "tor
 KT_FORMS = ("k.transpose(-2, -1)", "k.mT", "k.transpose(-1, -2)", "k.transpose(2, 3)", "k.permute(0, 1, 3, 2)",
             "k.swapaxes(-2, -1)")
 EINSUM_LETTERS = ("bhqkd", "bnijc", "zystu")
+OPTIONS = (None, None, {"block_q": 8, "block_k": 8}, {"block_q": 5, "block_k": 3}, {"block_q": 16, "block_k": 4},
+           {"kernel": "sdpa", "block_q": 4}, {"kernel": "reference"})
 
 
 @st.composite
@@ -236,6 +252,9 @@ def _compose(draw, near):
     w = Writer(dtype)
     if near:
         w.tag("near", near)
+    if dtype == "float32" and near is None and draw(st.integers(0, 9)) == 0:
+        w.autocast = True
+        w.tag("autocast", "bfloat16")
 
     # structure first (constraints on shapes), shapes last
     simple = near is not None
@@ -299,7 +318,8 @@ def _compose(draw, near):
     q_shape = "b, sq, hq, d" if layout == "bshd" else "b, hq, sq, d"
     kv_heads = "hq" if near == "k_only_gqa" else "hkv"
     k_heads = "hq" if near == "v_only_gqa" else "hkv"
-    k_shape = f"b, sk, {k_heads}, d" if layout == "bshd" else f"b, {k_heads}, d, sk" if qk == "matmul_pretransposed" else f"b, {k_heads}, sk, d"
+    k_shape = (f"b, sk, {k_heads}, d" if layout == "bshd" else
+               f"b, {k_heads}, d, sk" if qk == "matmul_pretransposed" else f"b, {k_heads}, sk, d")
     v_heads = kv_heads
     if near == "mismatched_gqa":
         v_heads = "1" if hkv > 1 else "hq // 2" if hq % 2 == 0 and hq // 2 != hkv else "hq"
@@ -337,7 +357,8 @@ def _compose(draw, near):
             w("v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)")
         else:
             which = "k" if near == "k_only_gqa" else "v" if near == "v_only_gqa" else None
-            form = gqa if gqa != "none" else draw(st.sampled_from(["repeat_kv", "repeat_interleave"] + (["broadcast"] if heads[1] == 1 else [])))
+            forms = ["repeat_kv", "repeat_interleave"] + (["broadcast"] if heads[1] == 1 else [])
+            form = gqa if gqa != "none" else draw(st.sampled_from(forms))
             w(f"n = q.shape[{head_dim}] // {which or 'k'}.shape[{head_dim}]")
             for t in ([which] if which else ["k", "v"]):
                 if form == "repeat_kv":
@@ -538,8 +559,11 @@ def _compose(draw, near):
     is_attention = near is None
     # not expected to fuse: a softmax re-derived from exp/sum, and _safe_softmax (0, not NaN, for
     # rows with no visible key: the op cannot express it)
-    expect_fused = is_attention and softmax not in ("manual", "torch.ops.aten._safe_softmax(s, -1)")
-    src = w.source(is_attention, expect_fused, grad, dynamic, shapes)
+    expect_fused = is_attention and softmax not in ("manual", "torch.ops.aten._safe_softmax(s, -1)") and not w.autocast
+    options = draw(st.sampled_from(OPTIONS))  # small tiles exercise the kernel's tiling through the compiler
+    if options:
+        w.tag("options", "/".join(f"{k}={v}" for k, v in options.items()))
+    src = w.source(is_attention, expect_fused, grad, dynamic, shapes, options)
     return Program(src, is_attention, expect_fused, tuple(w.tags))
 
 

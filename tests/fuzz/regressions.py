@@ -37,7 +37,8 @@ REGRESSIONS = [
     # --- wrong results ------------------------------------------------------------------------
     '''"""prefix_lm_slice_assignment: a causal mask edited through a slice (m[:, :2] = 0, the
 prefix every query may see) is lifted from its value before the edit: the fused op hides the
-prefix keys from the first rows. (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = True
+prefix keys from the first rows. (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -52,7 +53,8 @@ def program(q, k, v):
     return torch.softmax(s + m, dim=-1) @ v
 ''',
     '''"""scaled_operand_written_in_place: q is scaled, then written through a slice; the pass
-peels the scale and hands the op the original q, losing the write. (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = False
+peels the scale and hands the op the original q, losing the write. (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -66,7 +68,8 @@ def program(q, k, v):
 ''',
     '''"""row_mask_broadcast_by_expand: a one-row mask [1, Sk] built from aranges and expanded to
 [Sq, Sk] is lifted as a band in j - i, as if it varied with the query row (every query should
-see key 0 only; the fused op lets query i see keys 0..i). (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = False
+see key 0 only; the fused op lets query i see keys 0..i). (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -81,7 +84,8 @@ def program(q, k, v):
 ''',
     '''"""head_indexed_mask_unsqueezed: a band built over [heads, keys] and unsqueezed to
 [heads, 1, keys] (one query) is lifted as a band over (query, key): head h should see keys
-<= h; the fused op lets every head see key 0 only. (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = False
+<= h; the fused op lets every head see key 0 only. (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -96,7 +100,8 @@ def program(q, k, v):
 ''',
     '''"""safe_softmax_fully_masked_rows: aten._safe_softmax was matched as softmax, but it gives
 0 for a row with no visible key where the op gives NaN (fixed in b266c4a: no longer matched, so
-fusion is not expected)."""''' + _IMPORTS + '''IS_ATTENTION = True
+fusion is not expected)."""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -111,7 +116,8 @@ def program(q, k, v):
 ''',
     '''"""float32_min_mask_cast_to_bfloat16: a causal mask of finfo(float32).min cast to bfloat16
 becomes -inf (the value overflows), but is lifted with the finite float32 value: rows with no
-visible key are NaN in eager and a uniform average in the fused op. (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = True
+visible key are NaN in eager and a uniform average in the fused op. (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.bfloat16
 GRAD = False
@@ -126,7 +132,8 @@ def program(q, k, v):
 ''',
     '''"""where_fill_overflows_bfloat16: torch.where(hidden, finfo(float32).min, s) on bfloat16
 scores stores -inf (the constant overflows bfloat16); the op fills with the finite constant, so
-rows with no visible key are a uniform average instead of NaN. (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = True
+rows with no visible key are a uniform average instead of NaN. (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.bfloat16
 GRAD = False
@@ -141,7 +148,8 @@ def program(q, k, v):
 ''',
     '''"""finfo_min_masks_added_twice: a lifted causal mask of finfo.min plus a padding mask of
 finfo.min: where both hide a key eager's sum overflows to -inf, but the op replaces the band by
-finfo.min; a query whose visible keys are all padded averages over different keys. (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = True
+finfo.min; a query whose visible keys are all padded averages over different keys. (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -162,7 +170,8 @@ def program(q, k, v, pad):
 ''',
     '''"""bfloat16_cast_of_float32_scores_dropped: float32 scores cast to bfloat16 before the
 softmax (and back after) are fused as float32 attention: the result differs from eager by the
-bfloat16 rounding the program asked for (debatable: the fused result is more accurate). (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = False
+bfloat16 rounding the program asked for (debatable: the fused result is more accurate). (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -176,7 +185,8 @@ def program(q, k, v):
     '''"""finfo_min_padding_then_causal: a padding bias of finfo.min added *before* a causal mask
 of finfo.min: the causal mask is still lifted to a band that replaces scores by finfo.min, but
 eager's sum overflows to -inf where both hide a key (b266c4a only checks for biases added
-after the band); a query whose visible keys are all padded averages over different keys. (fixed in cb92596)"""''' + _IMPORTS + '''IS_ATTENTION = True
+after the band); a query whose visible keys are all padded averages over different keys. (fixed in cb92596)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -197,7 +207,8 @@ def program(q, k, v, pad):
 ''',
     '''"""repeat_interleave_source_written_after_copy: k_src.repeat_interleave(2, 1) is a copy;
 k_src is then written in place. The pass undoes the repeat and hands the op k_src, read after
-the write (the repeat_kv path checks for writes, the repeat_interleave path does not). (fixed in cb92596)"""''' + _IMPORTS + '''IS_ATTENTION = False
+the write (the repeat_kv path checks for writes, the repeat_interleave path does not). (fixed in cb92596)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -212,7 +223,8 @@ def program(q, k, v):
 ''',
     '''"""scaled_operand_source_written_after_scaling: q = q_src * 0.5 is a new tensor; q_src is
 then written in place. The pass peels the scale (the mul is not written, so it may) and hands
-the op q_src, read after the write. (fixed in cb92596)"""''' + _IMPORTS + '''IS_ATTENTION = False
+the op q_src, read after the write. (fixed in cb92596)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -226,7 +238,8 @@ def program(q, k, v):
     return torch.softmax(q @ k.mT, dim=-1) @ v
 ''',
     '''"""negative_softcap_dropped: tanh(s / -5) * -5 (a softcap of 5: tanh is odd) is matched as
-softcap=-5.0, and the op applies a softcap only when softcap > 0: the cap is silently dropped. (fixed in cb92596)"""''' + _IMPORTS + '''IS_ATTENTION = False
+softcap=-5.0, and the op applies a softcap only when softcap > 0: the cap is silently dropped. (fixed in cb92596)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -242,7 +255,8 @@ def program(q, k, v):
 ''',
     '''"""bfloat16_rounding_of_probabilities_dropped: float32 probabilities rounded to bfloat16
 (and back) before P·V: the rounding is dropped by the fusion (b266c4a refuses the same cast on
-the scores, not on the probabilities); the result differs from eager by ~1e-3. (fixed in cb92596)"""''' + _IMPORTS + '''IS_ATTENTION = False
+the scores, not on the probabilities); the result differs from eager by ~1e-3. (fixed in cb92596)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -257,7 +271,8 @@ def program(q, k, v):
 key of a row (a fully padded sequence), with value head dim != query head dim: the CPU kernel's
 GEMM tiles (also used for softcap) normalise by a log-sum-exp that loses log(n) next to
 -3.4e38, so the row's probabilities sum to n (eager: a uniform average). A kernel bug
-(fa_dynamo/kernels/cpu.py), reached through the compiler."""''' + _IMPORTS + '''IS_ATTENTION = True
+(fa_dynamo/kernels/cpu.py), reached through the compiler. (fixed in 37bf2ad)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -276,7 +291,8 @@ def program(q, k, v, pad):
     '''"""softcap_with_finite_mask_hiding_a_row: Gemma-2's shape: softcap, then an HF 4-D mask of
 finfo.min (causal + left padding); the first query rows see only padding. Same kernel bug as
 finite_mask_hides_every_key_dv_not_d (softcap also takes the CPU kernel's GEMM tiles): those
-rows' probabilities sum to the number of keys instead of 1."""''' + _IMPORTS + '''IS_ATTENTION = True
+rows' probabilities sum to the number of keys instead of 1. (fixed in 37bf2ad)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -297,7 +313,8 @@ def program(q, k, v, mask):
     '''"""zero_dim_tensor_fill_not_fused: GPT-Neo / GPT-J write the fill as a 0-d tensor,
 torch.where(causal, s, torch.tensor(finfo.min, dtype=s.dtype)); refused ("masked scores are
 filled with a tensor, not a constant") although the value is a constant (torch.full([], v) is
-accepted)."""''' + _IMPORTS + '''IS_ATTENTION = True
+accepted). (fixed in cab8142)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -313,7 +330,8 @@ def program(q, k, v):
 ''',
     '''"""scores_metadata_use_not_fused: s.new_ones(...) reads only the scores' dtype and device,
 but counts as a second use of the scores ("the scores (matmul) are also used outside the
-attention"), so the site is refused (minor: q.new_ones or torch.ones fuse)."""''' + _IMPORTS + '''IS_ATTENTION = True
+attention"), so the site is refused (minor: q.new_ones or torch.ones fuse)."""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -326,11 +344,80 @@ def program(q, k, v):
     keep = s.new_ones(sq, sk, dtype=torch.bool).tril()
     return torch.softmax(torch.where(keep, s, NEG_INF), dim=-1) @ v
 ''',
+    '''"""autocast_output_dtype: under torch.autocast("cpu", dtype=torch.bfloat16) eager's P·V
+returns bfloat16; the fused op ignores autocast and the compiled program returns float32 (more
+accurate, but a different dtype flowing into the rest of the model). Fixed in b54900a by leaving
+autocast regions unfused, so fusion is not expected."""
+''' + _IMPORTS + '''IS_ATTENTION = True
+EXPECT_FUSED = False
+DTYPE = torch.float32
+GRAD = False
+DYNAMIC = False
+SHAPES = [dict(b=1, hq=2, hkv=2, sq=4, sk=6, d=8, dv=8)]
+''' + _HEADER + _qkv() + '''
+def program(q, k, v):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return torch.softmax(q @ k.mT * 0.3, dim=-1) @ v
+''',
+    '''"""nan_rows_of_one_attention_vanish_in_the_next: the first attention's fully masked rows are
+NaN (eager and compiled alike); fed as queries to a second attention, eager keeps them NaN but
+the fused op (ATen's CPU flash kernel under the cpu kernel) returns finite rows: NaN in a query
+row does not propagate."""
+''' + _IMPORTS + '''IS_ATTENTION = True
+EXPECT_FUSED = True
+DTYPE = torch.float32
+GRAD = False
+DYNAMIC = False
+SHAPES = [dict(b=1, hq=1, hkv=1, sq=3, sk=3, d=8, dv=8)]
+''' + _HEADER + _qkv() + '''
+def program(q, k, v):
+    s = q @ k.mT
+    sq, sk = s.shape[-2], s.shape[-1]
+    s = s.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(), NEG_INF)  # row 0 sees nothing: NaN
+    out = torch.softmax(s, dim=-1) @ v
+    return torch.softmax(out @ k.mT, dim=-1) @ v
+''',
+    '''"""dynamic_baddbmm_symbolic_alpha_not_fused: with dynamic shapes, baddbmm's
+alpha=1/sqrt(head_dim) is a SymFloat and the site is refused ("baddbmm with beta=0.0,
+alpha=truediv"); a symbolic scale is accepted everywhere else."""
+''' + _IMPORTS + '''IS_ATTENTION = True
+EXPECT_FUSED = True
+DTYPE = torch.float32
+GRAD = False
+DYNAMIC = True
+SHAPES = [dict(b=1, hq=2, hkv=2, sq=3, sk=5, d=8, dv=8), dict(b=1, hq=2, hkv=2, sq=4, sk=7, d=8, dv=8)]
+''' + _HEADER + _qkv() + '''
+def program(q, k, v):
+    bsz, nh, lq, hd = q.shape
+    lk = k.shape[-2]
+    q3, k3 = q.reshape(bsz * nh, lq, hd), k.reshape(bsz * nh, lk, hd)
+    s = torch.baddbmm(torch.zeros(bsz * nh, lq, lk, dtype=q.dtype), q3, k3.transpose(1, 2), beta=0.0,
+                      alpha=1 / math.sqrt(q.shape[-1]))
+    return torch.bmm(s.softmax(-1), v.reshape(bsz * nh, lk, -1)).view(bsz, nh, lq, -1)
+''',
+    '''"""dynamic_3d_scores_viewed_to_4d_not_fused: with dynamic shapes, bmm scores masked at
+[b*h, sq, sk] and viewed to [b, h, sq, sk] for P·V are refused ("the probabilities have batch
+dims (s0, s1), the masked scores (s0*s1,)"); the same program with static shapes fuses."""
+''' + _IMPORTS + '''IS_ATTENTION = True
+EXPECT_FUSED = True
+DTYPE = torch.float32
+GRAD = False
+DYNAMIC = True
+SHAPES = [dict(b=2, hq=2, hkv=2, sq=3, sk=5, d=8, dv=8), dict(b=2, hq=2, hkv=2, sq=4, sk=7, d=8, dv=8)]
+''' + _HEADER + _qkv() + '''
+def program(q, k, v):
+    bsz, nh, lq, hd = q.shape
+    lk = k.shape[-2]
+    s = torch.bmm(q.reshape(bsz * nh, lq, hd), k.reshape(bsz * nh, lk, hd).transpose(1, 2))
+    s = s.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq + 1), NEG_INF)
+    return s.softmax(-1).view(bsz, nh, lq, lk) @ v
+''',
     # --- crashes ----------------------------------------------------------------------------------
     '''"""attention_output_as_next_queries_crashes: the first site's fused output feeds the second
 site's Q·Kᵀ directly; the node the rewrite left there has no meta["val"], so matching the second
 site raises TypeError (object of type 'NoneType' has no len()) in _read_qk: compilation fails in
-strict mode, and in the default mode the pass fails and leaves both sites unfused."""''' + _IMPORTS + '''IS_ATTENTION = True
+strict mode, and in the default mode the pass fails and leaves both sites unfused. (fixed in 37bf2ad)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -344,7 +431,8 @@ def program(q, k, v):
     '''"""gqa_undone_under_a_reordered_batch_view_crashes: scores of K repeated by repeat_interleave
 are viewed as [h, b, sq, sk] (b != h) before masking; q is reshaped to that layout but the
 un-repeated k keeps [b, hkv]: the op's input check fails (batch sizes differ: q 4, k 2), also
-in the default mode."""''' + _IMPORTS + '''IS_ATTENTION = False
+in the default mode. (fixed in 37bf2ad)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -362,7 +450,8 @@ def program(q, k, v):
     # --- crashes (fixed): the rewrite produces an op call its own input checks reject ------------------
     '''"""gqa_on_k_only_crashes: K repeated to the query heads (repeat_interleave), V already
 per query head: the pass hands the op k with 2 heads and v with 4, and compilation fails with
-ValueError (also in the default, non-strict mode). (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = False
+ValueError (also in the default, non-strict mode). (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -374,7 +463,8 @@ def program(q, k, v):
     return torch.softmax(q @ k.mT, dim=-1) @ v
 ''',
     '''"""mqa_broadcast_k_only_crashes: one key head broadcast by matmul, V per query head: the
-op gets k with 1 head and v with 4; compilation fails with ValueError. (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = False
+op gets k with 1 head and v with 4; compilation fails with ValueError. (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -385,7 +475,8 @@ def program(q, k, v):
     return torch.softmax(q @ k.mT, dim=-1) @ v
 ''',
     '''"""gqa_v_only_crashes: V repeated (repeat_kv), K per query head: the op gets k with 4
-heads and v with 2; compilation fails with ValueError. (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = False
+heads and v with 2; compilation fails with ValueError. (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -401,7 +492,8 @@ def program(q, k, v):
     return torch.softmax(q @ k.mT, dim=-1) @ repeat_kv(v, 2)
 ''',
     '''"""gqa_k_and_v_from_different_head_counts_crashes: K repeated from 2 heads, V from 1: the
-op gets k with 2 heads and v with 1; compilation fails with ValueError. (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = False
+op gets k with 2 heads and v with 1; compilation fails with ValueError. (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = False
 EXPECT_FUSED = False
 DTYPE = torch.float32
 GRAD = False
@@ -415,7 +507,8 @@ def program(q, k, v):
 ''',
     # --- attention left unfused -----------------------------------------------------------------
     '''"""einsum_with_ellipsis_not_fused: "...qd,...kd->...qk" is refused ("implicit output or
-ellipsis"). (fixed in cb92596)"""''' + _IMPORTS + '''IS_ATTENTION = True
+ellipsis"). (fixed in cb92596)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -427,7 +520,8 @@ def program(q, k, v):
     return torch.einsum("...qk,...kd->...qd", s.softmax(-1), v)
 ''',
     '''"""in_place_masked_fill_not_fused: scores masked with masked_fill_ (in place) are refused
-("aten.masked_fill_.Scalar ... is not understood"). (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = True
+("aten.masked_fill_.Scalar ... is not understood"). (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -444,7 +538,8 @@ def program(q, k, v, hidden):
     return torch.softmax(s, dim=-1) @ v
 ''',
     '''"""in_place_scale_and_mask_add_not_fused: s /= sqrt(d); s += mask (in place) are refused
-("aten.div_ / aten.add_ ... is not understood"). (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = True
+("aten.div_ / aten.add_ ... is not understood"). (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -462,7 +557,8 @@ def program(q, k, v, mask):
     return torch.softmax(s, dim=-1) @ v
 ''',
     '''"""baddbmm_scores_not_fused: Bloom/Falcon-style scores, torch.baddbmm(bias, q, kᵀ,
-beta=1, alpha=scale), are refused ("aten.baddbmm ... is not understood"). (fixed in 5689726)"""''' + _IMPORTS + '''IS_ATTENTION = True
+beta=1, alpha=scale), are refused ("aten.baddbmm ... is not understood"). (fixed in 5689726)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -480,7 +576,8 @@ def program(q, k, v, alibi):
     return torch.bmm(s.softmax(-1), v3).view(b, h, sq, -1)
 ''',
     '''"""bmm_scores_viewed_back_to_4d_not_fused: 3-D bmm scores masked, then viewed to 4-D for
-P·V: refused ("the probabilities have batch dims (1, 2), the masked scores (2,)"). (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = True
+P·V: refused ("the probabilities have batch dims (1, 2), the masked scores (2,)"). (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False
@@ -495,7 +592,8 @@ def program(q, k, v):
     return s.softmax(-1).view(b, h, sq, sk) @ v
 ''',
     '''"""dynamic_bshd_einsum_not_fused: with dynamic shapes, einsum over BSHD operands with a
-mask is refused ("symbolic batch sizes that cannot be recovered"). (fixed in b266c4a)"""''' + _IMPORTS + '''IS_ATTENTION = True
+mask is refused ("symbolic batch sizes that cannot be recovered"). (fixed in b266c4a)"""
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float32
 GRAD = False

@@ -7,7 +7,7 @@ bands that hide whole rows or everything), every fill kind (``-inf``, ``finfo.mi
 positive constants), bias and mask of every broadcast shape, additive masks of ``-inf`` or of huge finite values
 (``finfo.min``, ``-1e9``) that hide whole rows, softcap combined with masks and
 GQA, scale 0 or negative, Sq or Sk of 0 and 1, head dims 1..96 with ``Dv != D``,
-non-contiguous inputs, odd tile sizes, float16; and gradients (q, k, v and bias) with masks,
+non-contiguous inputs, NaN in an input row, odd tile sizes, float16; and gradients (q, k, v and bias) with masks,
 GQA, softcap and finite fills together.
 
 Accuracy is judged as in ``test_ops.py``: the op's error against float64 is at most 2x the error
@@ -104,6 +104,12 @@ def problems(draw, grad=False):
         keep = draw(st.sampled_from(BROADCASTS))
         shape = tuple(n if kept else 1 for n, kept in zip(full, keep))
         mask = torch.rand(shape, generator=g) < draw(st.sampled_from([0.1, 0.5, 0.95, 1.0]))
+    if draw(st.integers(0, 9)) == 0:  # a NaN in one row of q, k or v: eager propagates it
+        which = draw(st.sampled_from(["q", "k", "v"]))
+        t = {"q": q, "k": k, "v": v}[which]
+        if t.shape[2] > 0:
+            t[:, :, draw(st.integers(0, t.shape[2] - 1))] = float("nan")
+            event(f"NaN in {which}")
     kernel = draw(st.sampled_from(KERNELS))
     block_q, block_k = draw(st.sampled_from([(256, 512), (1, 1), (3, 5), (16, 16), (7, 64), (64, 7)]))
     event(f"band {'none' if lo is None and hi is None else 'empty' if lo is not None and hi is not None and lo > hi else 'set'}")
@@ -150,6 +156,19 @@ def test_forward_matches_float64(p):
     ref = _ref(p)
     same = _ref(p, dtype=q.dtype)
     _assert_accurate(out, ref, same, FLOORS[q.dtype], 2.0, "output")
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "sdpa"])
+@pytest.mark.parametrize("band", [None, 0], ids=["no_band", "causal"])
+def test_nan_query_row_propagates(kernel, band):
+    """Found by the fuzzer: eager gives NaN for a query row containing NaN; ATen's CPU flash
+    kernel (the cpu kernel's dense tiles, sdpa) returns a finite row instead."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 1, 3, 8, generator=g), torch.randn(1, 1, 4, 8, generator=g), torch.randn(1, 1, 4, 8, generator=g)
+    q[0, 0, 1] = float("nan")
+    p = dict(q=q, k=k, v=v, bias=None, mask=None, scale=0.3, softcap=0.0, fill=float("-inf"), lo=None, hi=band,
+             kernel=kernel, block_q=256, block_k=512)
+    _assert_accurate(_call(p), _ref(p), _ref(p, dtype=torch.float32), FLOORS[torch.float32], 2.0, "output")
 
 
 @pytest.mark.parametrize("dv, softcap", [(16, 0.0), (8, 5.0)], ids=["dv_not_d", "softcap"])

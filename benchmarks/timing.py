@@ -5,6 +5,10 @@ returns the median and every sample. ``measure_interleaved`` does the same for s
 callables in round-robin order, so that a burst of background load hits all of them alike
 instead of whichever happened to be running at the time.
 
+``predict_seconds`` and ``over_budget`` let a benchmark skip a call it predicts would
+take longer than its budget (scaled from the same method at a smaller size) instead of running it;
+``matmul_ceiling`` measures the dense GEMM rate that GFLOP/s figures are compared with.
+
 ``CpuLoad`` reads ``/proc/stat`` around a run and reports how many cores *other* processes
 kept busy meanwhile: on a small shared machine that number says how far to trust the timings.
 """
@@ -88,7 +92,50 @@ def measure_interleaved(
     return {name: Timing(statistics.median(samples[name]), samples[name], warm[name]) for name in fns}
 
 
+# --- budget: predict a call's time before running it --------------------------------------------
+
+
+def predict_seconds(measured_s: float, measured_work: float, work: float) -> float:
+    """A call's time at ``work`` FLOPs, scaled linearly from one measured at ``measured_work``.
+
+    Attention at fixed heads/head dim is compute bound from a few hundred tokens on, so time
+    grows with the FLOPs a method actually does; the caller picks which FLOPs (dense S² for
+    methods that compute every score, only the visible ones for methods that skip tiles).
+    """
+    if measured_work <= 0 or measured_s < 0:
+        raise ValueError(f"need a positive measured work and a non-negative time, got {measured_work}, {measured_s}")
+    return measured_s * work / measured_work
+
+
+def over_budget(predicted_s: Optional[float], budget_s: Optional[float]) -> Optional[str]:
+    """The reason to skip a call predicted to take ``predicted_s`` under ``budget_s``; None to run it."""
+    if predicted_s is None or budget_s is None or predicted_s <= budget_s:
+        return None
+    return f"over budget (predicted {predicted_s:.1f} s per call > {budget_s:g} s)"
+
+
 # --- the machine -------------------------------------------------------------------------------
+
+
+def matmul_ceiling(dtype_names: tuple[str, ...] = ("fp32", "bf16"), n: int = 2048, repeats: int = 5) -> dict:
+    """Measured GFLOP/s of one ``n×n @ n×n`` ``torch.mm`` per dtype: the machine's dense ceiling.
+
+    Attention's two GEMMs cannot beat the machine's own large GEMM, so ``GFLOP/s / ceiling``
+    says how much of the machine a method uses. Median of ``repeats`` after one warm-up.
+    """
+    import torch
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    out = {}
+    for name in dtype_names:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g, dtype=dtypes[name])
+        b = torch.randn(n, n, generator=g, dtype=dtypes[name])
+        t = measure(lambda: torch.mm(a, b), warmup=1, repeats=repeats)
+        out[name] = {"gflops": 2 * n**3 / t.median / 1e9, "n": n, "median_s": t.median}
+    return out
+
+
 
 
 def cpu_model() -> str:

@@ -14,12 +14,17 @@ Structural matching, not a list of patterns. From every softmax over the last di
 5. check that the chain folds into the op's fixed order (scale → softcap → bias → fill) exactly,
    and rewrite. The old nodes die, and with them any Sq×Sk mask built only for this site.
 
+Inside ``torch.autocast`` regions the nodes first get eager's dtypes (``_apply_autocast``), so
+the op receives q, k, v in the dtype eager's matmuls run in and returns eager's dtype.
+
 A site with anything not exactly understood is left alone and reported with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 from collections import Counter
 from typing import Any, Optional
 
@@ -27,12 +32,14 @@ import torch
 import torch.fx as fx
 
 from fa_dynamo.config import FastAttentionConfig
+from fa_dynamo.logs import log
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
-from fa_dynamo.passes.attention_rewrite import rewrite
+from fa_dynamo.passes.attention_rewrite import is_metadata_read, rewrite
 from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
 from fa_dynamo.passes.score_chain import fold_events
+from fa_dynamo.passes.manual_softmax import canonicalize_manual_softmax
 from fa_dynamo.passes.matching import (
-    aten, describe, dtype, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, only_user, python_scalar,
+    aten, describe, dtype, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, python_scalar,
     round_to, shape, val, writes_between,
 )
 
@@ -62,15 +69,18 @@ class AttentionPass(GraphPass):
 
     def run(self, gm: fx.GraphModule, config: FastAttentionConfig, report: PassReport) -> None:
         graph = gm.graph
+        for where in canonicalize_manual_softmax(gm):
+            log.debug("fa_dynamo: hand-written softmax at %s read as aten.softmax", where)
         mutated = frozenset(mutated_nodes(graph))
-        autocast = _inside_autocast(graph)
+        stale = _apply_autocast(gm)
         for softmax in list(graph.nodes):
             if not is_op(softmax, aten.softmax, aten._softmax) or softmax.graph is not graph:
                 continue
             try:
-                if softmax in autocast:
-                    raise NotFusable("inside a torch.autocast region (the op has no autocast rule yet)")
                 site = _match(softmax, mutated)
+                if (inside := {site.qk, softmax, site.pv} & stale.keys()):
+                    why = stale[next(iter(inside))]
+                    raise NotFusable(f"inside a torch.autocast region whose dtypes could not be recomputed ({why})")
                 rewrite(graph, site, config)
             except NotFusable as e:
                 report.sites.append(SiteReport(describe(softmax), False, str(e)))
@@ -80,19 +90,55 @@ class AttentionPass(GraphPass):
             graph.eliminate_dead_code()
 
 
-def _inside_autocast(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes between ``_enter_autocast`` and ``_exit_autocast`` (pre-dispatch graphs keep the
-    region; autocast's casts are applied later, so the op would run in the wrong dtype)."""
-    inside, depth = set(), 0
-    for node in graph.nodes:
-        name = getattr(node.target, "__name__", "")
-        if name == "_enter_autocast":
-            depth += 1
-        elif name == "_exit_autocast":
-            depth = max(0, depth - 1)
-        elif depth:
-            inside.add(node)
-    return inside
+def _is_autocast(node: fx.Node, name: str) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == name
+
+
+def _apply_autocast(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Give every node from the first ``_enter_autocast`` on the dtype it has in eager.
+
+    Pre-dispatch graphs are traced above autocast: the regions stay as enter/exit nodes and
+    each ``val`` has the dtype the op would have without autocast (a float32 Q·Kᵀ where eager
+    computes it in bfloat16). Re-running those nodes on fake tensors with the regions really
+    entered applies autocast's own rules — every device type and autocast dtype, nested and
+    ``enabled=False`` regions — so matching reads eager's dtypes, and the rewrite casts q, k, v
+    to the dtype eager's matmuls ran in. Returns the nodes that could not be re-run (with
+    why): their dtypes are unknown, so sites there are refused.
+    """
+    nodes = list(gm.graph.nodes)
+    start = next((i for i, n in enumerate(nodes) if _is_autocast(n, "_enter_autocast")), None)
+    if start is None:
+        return {}
+    mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in nodes])
+    entered: list = []
+    contexts: dict[fx.Node, Any] = {}  # _enter_autocast node → the autocast it entered
+    read = lambda n: contexts[n] if n in contexts else n.meta.get("val")  # noqa: E731
+    index = start
+    try:
+        with mode or contextlib.nullcontext():
+            for index in range(start, len(nodes)):
+                node = nodes[index]
+                if node.op == "output":
+                    break
+                if not (isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem
+                        or _is_autocast(node, "_enter_autocast") or _is_autocast(node, "_exit_autocast")):
+                    continue  # not an op autocast changes (and grad-mode switches must not run here)
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), read)
+                result = node.target(*args, **kwargs)
+                if _is_autocast(node, "_enter_autocast"):
+                    entered.append(result)
+                    contexts[node] = result
+                elif _is_autocast(node, "_exit_autocast"):
+                    entered.remove(args[0])
+                else:
+                    node.meta["val"] = result
+        return {}
+    except Exception as e:  # noqa: BLE001  (any op fake tensors cannot run: its dtypes stay unknown)
+        why = f"{type(e).__name__} at {nodes[index].name}: {e}"
+        return {n: why for n in nodes[start:]}
+    finally:
+        for context in reversed(entered):
+            torch.amp.autocast_mode._exit_autocast(context)
 
 
 def _mask_kind(site: Site) -> str:
@@ -117,7 +163,8 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
     rank = len(shape(x) or ())
     if rank < 2 or normalize_dim(softmax.args[1], rank) != rank - 1:
         raise NotFusable("softmax is not over the last dim")
-    events, qk = _walk_scores(x)
+    reads: list[fx.Node] = []  # users of the scores or probabilities that read only metadata
+    events, qk = _walk_scores(x, reads)
     if is_op(qk, aten.baddbmm):  # beta * bias + alpha * (q @ kᵀ)
         beta, alpha = qk.kwargs.get("beta", 1), qk.kwargs.get("alpha", 1)
         if beta not in (0, 1) or (python_scalar(alpha) is None and not is_symbolic_scalar(alpha)):
@@ -125,8 +172,8 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
         bias = qk.args[0]
         zeros = is_op(bias, aten.zeros, aten.new_zeros) or (is_op(bias, aten.full) and bias.args[1] == 0)
         events = [("scale", (alpha, 1))] + ([("bias", bias, qk)] if beta == 1 and not zeros else []) + events
-    pv = _walk_probs(softmax)
-    site = Site(softmax, qk, pv, mutated=mutated)
+    pv = _walk_probs(softmax, reads)
+    site = Site(softmax, qk, pv, mutated=mutated, metadata_reads=reads)
     _read_qk(site)
     _read_pv(site)
     if {site.q.node, site.k.node} & writes_between(qk, pv):
@@ -175,12 +222,19 @@ def _scalar_factor(node: fx.Node) -> Optional[tuple[fx.Node, tuple[Scalar, int]]
     return a, (b, 1 if is_op(node, *_MUL) else -1)
 
 
-def _walk_scores(x: fx.Node) -> tuple[list, fx.Node]:
+def _dense_users(node: fx.Node, reads: list) -> list[fx.Node]:
+    """The users of ``node`` that read its values; those that read only its sizes, dtype or
+    device go to ``reads`` (the rewrite points them elsewhere, so the node can die)."""
+    reads += [u for u in node.users if is_metadata_read(u)]
+    return [u for u in node.users if not is_metadata_read(u)]
+
+
+def _walk_scores(x: fx.Node, reads: list) -> tuple[list, fx.Node]:
     """Score-chain events from the softmax input back to the Q·Kᵀ matmul (in forward order)."""
     events: list = []
     node = x
     while True:
-        if len(node.users) != 1:
+        if len(_dense_users(node, reads)) != 1:
             raise NotFusable(f"the scores ({node.name}) are also used outside the attention")
         if _is_qk_matmul(node):
             break
@@ -266,10 +320,11 @@ def _softcap(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
     return inner[0], abs(cap)  # tanh is odd: tanh(s / -c) * -c == tanh(s / c) * c
 
 
-def _walk_probs(softmax: fx.Node) -> fx.Node:
+def _walk_probs(softmax: fx.Node, reads: list) -> fx.Node:
     node, coarsest = softmax, dtype(softmax)
     while True:
-        user = only_user(node)
+        users = _dense_users(node, reads)
+        user = users[0] if len(users) == 1 else None
         if user is None:
             raise NotFusable("the attention probabilities are also used outside the attention")
         if _is_scores_matmul(user):

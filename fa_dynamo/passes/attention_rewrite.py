@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
@@ -26,9 +27,9 @@ def _canonical_batch(site: Site) -> tuple:
     return tuple(shape(ref)[:-2])
 
 
-def _output_layout(site: Site) -> Optional[Union[str, list]]:
+def _output_layout(site: Site) -> Optional[Union[str, tuple]]:
     """How the op's ``[B, H, Sq, Dv]`` output becomes P·V's: None (as is), ``"flatten"``
-    (``[B*H, ...]``) or a static shape to reshape to."""
+    (``[B*H, ...]``) or P·V's shape to reshape to (symbolic sizes included)."""
     batch = _canonical_batch(site)
     probs = site.pv.args[1][0] if is_op(site.pv, aten.einsum) else site.pv.args[0]
     have = tuple(shape(probs)[:-2])
@@ -37,10 +38,64 @@ def _output_layout(site: Site) -> Optional[Union[str, list]]:
     if site.out_permute is None:
         if len(have) == 1 and len(batch) == 2:
             return "flatten"
-        out_shape = shape(site.pv)
-        if all(isinstance(d, int) for d in (*have, *batch, *out_shape)) and math.prod(have) == math.prod(batch):
-            return list(out_shape)
+        if _same_size(math.prod(have), math.prod(batch)):
+            return shape(site.pv)
     raise NotFusable(f"the probabilities have batch dims {have}, the masked scores {batch}")
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """Sizes known equal without adding a guard (symbolic ones through the shape environment)."""
+    return statically_known_true(a == b)
+
+
+def _sizes_from(graph: fx.Graph, sizes: tuple, alive: list) -> list:
+    """``sizes`` as graph values: ints as they are, a symbolic size as ``sym_size`` of a node that
+    feeds the op (found behind ``alive``), so the dead site stays dead."""
+    values = []
+    for size in sizes:
+        if isinstance(size, int):
+            values.append(size)
+            continue
+        seen, todo, found = set(), list(alive), None
+        while todo and found is None:
+            node = todo.pop(0)
+            if node in seen:
+                continue
+            seen.add(node)
+            dims = shape(node) or ()
+            found = next((graph.call_function(aten.sym_size.int, (node, i))
+                          for i, d in enumerate(dims) if isinstance(d, torch.SymInt) and _same_size(d, size)), None)
+            todo += node.all_input_nodes
+        if found is None:
+            raise NotFusable(f"no live graph value holds the symbolic size {size}")
+        values.append(found)
+    return values
+
+
+_NEW_TENSOR = (aten.new_ones, aten.new_zeros, aten.new_empty, aten.new_full)
+
+
+def is_metadata_read(node: fx.Node) -> bool:
+    """``x.size(i)`` or ``x.new_ones(...)`` and kin: reads ``x``'s sizes, dtype or device only."""
+    return is_op(node, aten.sym_size.int, *_NEW_TENSOR)
+
+
+def _reroute_metadata_reads(graph: fx.Graph, site: Site) -> None:
+    """Point size/dtype/device reads of the scores and probabilities at values that outlive the
+    site: a size as an int or as ``sym_size`` of q or k (or what they are read from), a
+    ``new_*`` at q with the dtype made explicit. Equivalent whether or not the site fuses."""
+    batch = _canonical_batch(site)
+    k_source = _undo_repeat_kv(site.k, batch, site.mutated) or site.k.node
+    for read in site.metadata_reads:
+        with graph.inserting_before(read):
+            if is_op(read, aten.sym_size.int):
+                size, = _sizes_from(graph, (shape(read.args[0])[read.args[1]],), [site.q.node, k_source])
+                for user in list(read.users):
+                    user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs),
+                                                             lambda n: size if n is read else n)
+            else:
+                read.kwargs = {**read.kwargs, "dtype": read.kwargs.get("dtype") or dtype(read.args[0])}
+                read.args = (site.q.node, *read.args[1:])
 
 
 def _batch_sizes(graph: fx.Graph, site: Site) -> list:
@@ -52,11 +107,7 @@ def _batch_sizes(graph: fx.Graph, site: Site) -> list:
         sizes = list(site.batch_view.args[1])[: len(batch)]
         if all(isinstance(s, (int, fx.Node)) for s in sizes) and -1 not in sizes:
             return sizes
-    q_node, perm = site.q.node, site.q.permute or list(range(len(shape(site.q.node))))
-    if tuple(_operand_batch(site.q)) == batch:
-        return [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (q_node, perm[i]))
-                for i, d in enumerate(batch)]
-    raise NotFusable("symbolic batch sizes that cannot be recovered")
+    return _sizes_from(graph, batch, [site.q.node])
 
 
 def _kv_heads(op: Operand, site: Site) -> Any:
@@ -166,18 +217,18 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
     pv = site.pv
     out_layout = _output_layout(site)
     batch = _canonical_batch(site)
-    in_dtypes = [dtype(op.node) for op in (site.q, site.k, site.v)]
-    op_dtype = in_dtypes[0]
-    for d in in_dtypes[1:]:
-        op_dtype = torch.promote_types(op_dtype, d)
+    # The dtypes eager's matmuls run in: the operands' own, or autocast's (which casts q, k, v
+    # to its dtype inside the matmuls, so the nodes before them do not show it).
+    op_dtype = torch.promote_types(dtype(site.qk), dtype(site.pv))
+    _reroute_metadata_reads(graph, site)
     anchor = pv.prev
     with graph.inserting_before(pv):
         sizes = _batch_sizes(graph, site)
         grouped = _kv_heads(site.k, site) == _kv_heads(site.v, site)
         q, k, v = (_emit_operand(graph, op, site, sizes, role, grouped)
                    for op, role in ((site.q, "q"), (site.k, "k"), (site.v, "v")))
-        if len(set(in_dtypes)) > 1:
-            q, k, v = (graph.call_function(aten.to.dtype, (t, op_dtype)) for t in (q, k, v))
+        q, k, v = (t if dtype(op.node) == op_dtype else graph.call_function(aten.to.dtype, (t, op_dtype))
+                   for t, op in ((q, site.q), (k, site.k), (v, site.v)))
         bias = _combine(graph, [_relayout(graph, b, sizes) if b in site.relayout else _to_4d(graph, b)
                                 for b in site.biases], aten.add.Tensor)
         hidden = [
@@ -199,7 +250,7 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
         if out_layout == "flatten":
             out = graph.call_function(aten.flatten.using_ints, (out, 0, 1))
         elif out_layout is not None:
-            out = graph.call_function(aten.reshape.default, (out, out_layout))
+            out = graph.call_function(aten.reshape.default, (out, _sizes_from(graph, out_layout, [q, k, v])))
         if site.out_permute is not None:
             out = graph.call_function(aten.permute.default, (out, site.out_permute))
         if dtype(pv) != op_dtype:

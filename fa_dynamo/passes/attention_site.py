@@ -49,3 +49,4 @@ class Site:
     lifted: int = 0
     mutated: frozenset = frozenset()  # nodes written in place somewhere: never read around them
     relayout: set = field(default_factory=set)  # biases to reshape to the op's batch layout
+    metadata_reads: list[fx.Node] = field(default_factory=list)  # size/dtype reads of scores or probs

@@ -7,7 +7,8 @@ and the survey script:
 * the compiled function (``tests.conftest.Compiled``: strict mode, inner eager, the program's
   ``OPTIONS`` if any — tile sizes, kernel; dynamic when the program says so) must give the same
   outputs on every ``SHAPES`` entry: NaN exactly where eager has NaN, values within the dtype
-  tolerances of ``assert_same_as_eager``, or, failing that, no further from a float64 run of the
+  tolerances of ``assert_same_as_eager`` (those of the ``AUTOCAST`` dtype for a program that
+  computes in it: its float32 gradients carry that precision), or, failing that, no further from a float64 run of the
   same program than 2x eager's own error (so that a fused kernel that is *more* accurate than a
   bfloat16 eager run is not a failure), where eager itself is within 50x its tolerance of the
   float64 run;
@@ -72,18 +73,21 @@ def check(source: str, require_fusion: bool = True) -> Outcome:
         except Exception as e:  # noqa: BLE001
             raise InvalidProgram(f"eager raised {type(e).__name__}: {e}") from e
         actual = compiled(*inputs)
-        compare(actual, expected, lambda: fn(*_to_double(inputs)), f"output, shape {shape}")
+        precision = ns.get("AUTOCAST")
+        compare(actual, expected, lambda: fn(*_to_double(inputs)), f"output, shape {shape}", precision=precision)
         if ns["GRAD"] and not any(t.isnan().any() for t in _flat(expected)):
             ours, theirs = _grads(compiled, inputs), _grads(fn, inputs)
-            compare(ours, theirs, lambda: _grads(fn, _to_double(inputs)), f"gradients, shape {shape}", factor=3.0)
+            compare(ours, theirs, lambda: _grads(fn, _to_double(inputs)), f"gradients, shape {shape}", factor=3.0,
+                    precision=precision)
     outcome = Outcome(compiled.fused, list(compiled.refused))
     if require_fusion and ns["IS_ATTENTION"] and ns["EXPECT_FUSED"] and outcome.fused == 0:
         raise NotFused(f"attention left unfused; refused: {outcome.refused}")
     return outcome
 
 
-def compare(actual, expected, reference, what: str, factor: float = 2.0) -> None:
-    """``actual`` equals ``expected`` (eager); ``reference()`` gives the float64 run, lazily."""
+def compare(actual, expected, reference, what: str, factor: float = 2.0, precision=None) -> None:
+    """``actual`` equals ``expected`` (eager); ``reference()`` gives the float64 run, lazily.
+    ``precision``: a coarser dtype the values were computed in (autocast), for the tolerances."""
     actual, expected = _flat(actual), _flat(expected)
     if len(actual) != len(expected):
         raise Mismatch(f"{what}: {len(actual)} outputs, eager has {len(expected)}")
@@ -104,7 +108,9 @@ def compare(actual, expected, reference, what: str, factor: float = 2.0) -> None
             if not torch.equal(a, e):
                 raise Mismatch(f"{what} {n}: differs from eager")
             continue
-        atol, rtol = TOLERANCES[e.dtype]
+        coarser = precision is not None and torch.finfo(precision).eps > torch.finfo(e.dtype).eps
+        coarse = precision if coarser else e.dtype
+        atol, rtol = TOLERANCES[coarse]
         if torch.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True):
             continue
         if ref is None:
@@ -120,7 +126,7 @@ def compare(actual, expected, reference, what: str, factor: float = 2.0) -> None
         # the float64 run vouches for the compiled result only where it is close to eager (a program
         # whose meaning depends on its dtype — finfo(s.dtype).min — is not the same program in float64)
         trusted = eager_err <= 50 * atol
-        if not trusted or not torch.equal(a.isinf(), e.isinf()) or err > factor * eager_err + FLOORS[e.dtype]:
+        if not trusted or not torch.equal(a.isinf(), e.isinf()) or err > factor * eager_err + FLOORS[coarse]:
             raise Mismatch(
                 f"{what} {n}: max |compiled - eager| = {diff:.3g} (tolerance {atol:g} + {rtol:g}·|eager|); "
                 f"against float64: compiled {err:.3g}, eager {eager_err:.3g}"

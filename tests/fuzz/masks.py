@@ -31,8 +31,9 @@ def draw_fill(draw) -> str:
 
 
 def masked_fill_ok(fill: str, dtype: str) -> bool:
-    """masked_fill raises when the value overflows the dtype (finfo(float32).min in bfloat16)."""
-    return not (fill == "torch.finfo(torch.float32).min" and dtype == "bfloat16")
+    """masked_fill raises when the value overflows the dtype (finfo(float32).min in bfloat16 or
+    float16)."""
+    return not (fill == "torch.finfo(torch.float32).min" and dtype in ("bfloat16", "float16"))
 
 
 def offset(draw) -> tuple[str, int, bool]:
@@ -114,7 +115,7 @@ def _apply_additive(draw, w: Writer, m: str, state: dict) -> None:
 def _full(fill: str, dtype: str) -> str:
     """A float (sq, sk) constant of ``fill`` in the scores' dtype (built in float32 and cast
     where the value would overflow the dtype, as code written for float32 does)."""
-    if fill == "torch.finfo(torch.float32).min" and dtype == "bfloat16":
+    if not masked_fill_ok(fill, dtype):
         return f"torch.full((sq, sk), {fill})", ".to(s.dtype)"
     return f"torch.full((sq, sk), {fill}, dtype=s.dtype)", ""
 

@@ -17,6 +17,7 @@ with eager. Sources are what hypothesis shrinks, what a failure prints, and what
     DYNAMIC = False         # torch.compile(dynamic=True), run on every SHAPES entry
     SHAPES = [dict(b=2, hq=4, hkv=2, sq=5, sk=7, d=13, dv=13)]
     OPTIONS = {'block_q': 5, 'block_k': 3}   # optional: backend options (tiles, kernel)
+    AUTOCAST = torch.bfloat16  # optional: the body runs under torch.autocast in this dtype
 
     def make_inputs(gen, b, hq, hkv, sq, sk, d, dv):
         ...
@@ -40,14 +41,12 @@ Two families:
   0-d tensor fill. Softmax by ``torch.softmax`` / ``F.softmax`` / method / ``_softmax``, with
   fp32 casts, ``_safe_softmax``, or by hand. Eval dropout, GQA (``repeat_kv``,
   ``repeat_interleave``, broadcasting), in-place score ops, a second attention site, Sq ≠ Sk,
-  Sq = 1, odd head dims, Dv ≠ D, float32 / bfloat16 / float64, bfloat16 autocast, dynamic
+  Sq = 1, odd head dims, Dv ≠ D, float32 / bfloat16 / float64, bfloat16 / float16 autocast, dynamic
   shapes, gradients, and small kernel tiles or other kernels (``OPTIONS``) so that the kernel's
   tiling runs on the masks real programs build.
-  ``IS_ATTENTION`` is True; so is ``EXPECT_FUSED`` except for two softmax forms: the hand-written
-  max/exp/sum softmax (the pass matches ``aten.softmax`` and is not expected to re-derive a
-  softmax from ``exp``/``sum``/``div``) and ``_safe_softmax`` (0, not NaN, for a row with no
-  visible key: not what the op computes); and for programs under autocast (the op has no
-  autocast rule, so the pass leaves autocast regions alone).
+  ``IS_ATTENTION`` is True; so is ``EXPECT_FUSED`` except for ``_safe_softmax`` (0, not NaN,
+  for a row with no visible key: not what the op computes). The hand-written max/exp/sum softmax
+  is expected to fuse (``fa_dynamo.passes.manual_softmax`` reads it as ``aten.softmax``).
 * ``near_miss_programs()``: look like attention but are not (or are not expressible by the
   op): softmax over another dim or of transposed scores, a transform of the probabilities,
   probabilities or scores also used, a per-head or tensor scale, a permute that is not a
@@ -118,12 +117,12 @@ class Writer:
     helpers: set = field(default_factory=lambda: {"randn"})
     tags: list = field(default_factory=list)
     returns: str = "out"
-    autocast: bool = False  # the body runs under torch.autocast("cpu", dtype=torch.bfloat16)
+    autocast: str | None = None  # the body runs under torch.autocast("cpu", dtype=torch.<autocast>)
     buffer: list | None = None  # while set, lines go here (masks are reordered before joining the body)
 
     @property
     def scores_dtype(self) -> str:
-        return "bfloat16" if self.autocast else self.dtype
+        return self.autocast or self.dtype
 
     def __call__(self, line: str) -> None:
         (self.body if self.buffer is None else self.buffer).append(line)
@@ -146,6 +145,7 @@ class Writer:
             f"IS_ATTENTION = {is_attention}\nEXPECT_FUSED = {expect_fused}\nDTYPE = torch.{self.dtype}\n"
             f"GRAD = {grad}\nDYNAMIC = {dynamic}\nSHAPES = [{', '.join(_shape_src(s) for s in shapes)}]\n"
             + (f"OPTIONS = {options!r}  # backend options\n" if options else "")
+            + (f"AUTOCAST = torch.{self.autocast}\n" if self.autocast else "")
         )
         for h in sorted(self.helpers):
             parts.append("\n" + HELPERS[h])
@@ -155,7 +155,7 @@ class Writer:
         parts.append("\n" + "\n".join(make) + "\n")
         body = self.body + [f"return {self.returns}"]
         if self.autocast:
-            body = ['with torch.autocast("cpu", dtype=torch.bfloat16):'] + [f"    {ln}" for ln in body]
+            body = ['with torch.autocast("cpu", dtype=AUTOCAST):'] + [f"    {ln}" for ln in body]
         prog = [f"def program({names}):"] + [f"    {ln}" for ln in body]
         parts.append("\n" + "\n".join(prog) + "\n")
         return "\n".join(parts)
@@ -253,8 +253,8 @@ def _compose(draw, near):
     if near:
         w.tag("near", near)
     if dtype == "float32" and near is None and draw(st.integers(0, 9)) == 0:
-        w.autocast = True
-        w.tag("autocast", "bfloat16")
+        w.autocast = draw(st.sampled_from(["bfloat16", "float16"]))
+        w.tag("autocast", w.autocast)
 
     # structure first (constraints on shapes), shapes last
     simple = near is not None
@@ -557,9 +557,9 @@ def _compose(draw, near):
         w.returns = "out, s"
 
     is_attention = near is None
-    # not expected to fuse: a softmax re-derived from exp/sum, and _safe_softmax (0, not NaN, for
-    # rows with no visible key: the op cannot express it)
-    expect_fused = is_attention and softmax not in ("manual", "torch.ops.aten._safe_softmax(s, -1)") and not w.autocast
+    # not expected to fuse: _safe_softmax (0, not NaN, for rows with no visible key: the op
+    # cannot express it)
+    expect_fused = is_attention and softmax != "torch.ops.aten._safe_softmax(s, -1)"
     options = draw(st.sampled_from(OPTIONS))  # small tiles exercise the kernel's tiling through the compiler
     if options:
         w.tag("options", "/".join(f"{k}={v}" for k, v in options.items()))

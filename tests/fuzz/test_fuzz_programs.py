@@ -6,11 +6,10 @@ The property (``tests.fuzz.harness.check``), for every generated program:
   outputs equal eager's — NaN exactly where eager has NaN, values within the dtype
   tolerances (or no further from a float64 run than 2x eager's own error);
 * gradients too, for programs that ask for them (``GRAD = True``);
-* a program that is attention uses the op (``fused >= 1``). Two exceptions
-  (``EXPECT_FUSED = False``): the hand-written max/exp/sum softmax — the pass matches
-  ``aten.softmax`` and is not expected to re-derive a softmax from ``exp``/``sum``/``div`` — and
-  ``aten._safe_softmax``, which gives 0 where the op gives NaN (rows with no visible key); and
-  programs under ``torch.autocast``, which the pass leaves alone (the op has no autocast rule).
+* a program that is attention uses the op (``fused >= 1``), under ``torch.autocast`` too (with
+  eager's dtypes), hand-written max/exp/sum softmaxes included. One exception
+  (``EXPECT_FUSED = False``): ``aten._safe_softmax``, which gives 0 where the op gives NaN (rows
+  with no visible key).
 
 On failure hypothesis prints the shrunk program's source. Every failure found goes into
 ``tests/fuzz/regressions.py``, replayed here by a plain parametrized test.
@@ -62,10 +61,7 @@ def _slug(source: str) -> str:
 
 # Regressions that are features not built yet (the program runs correctly, unfused): strict
 # xfails, so each flips to a failure — and must leave this list — once the pass fuses it.
-KNOWN_GAPS = {
-    "scores-metadata-use-not-fused": "s.shape read off the scores keeps the Q·Kᵀ node alive: metadata users are not rerouted",
-    "dynamic-3d-scores-viewed-to-4d-not-fused": "with symbolic batch dims the op's output is not reshaped from [1, B*H] to P·V's [B, H] layout",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _regression_params():

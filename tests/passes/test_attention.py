@@ -4,6 +4,7 @@ that must be lifted (no Sq×Sk tensor left in the graph), and near-misses that m
 from __future__ import annotations
 
 import math
+import operator
 
 import pytest
 import torch
@@ -217,6 +218,88 @@ def test_gqa_reaches_the_op_without_copies(fn):
     assert not [n for n in after.graph.nodes if n.target in (aten.expand.default, aten.repeat_interleave.self_int)]
 
 
+# --- autocast --------------------------------------------------------------------------------
+# Eager under autocast runs Q·Kᵀ and P·V in the autocast dtype (scores + a float32 mask promote
+# to float32); the op gets q, k, v cast the same way and returns eager's dtype.
+
+def autocast_causal(q, k, v, m, dt):
+    with torch.autocast("cpu", dtype=dt):
+        s = q @ k.mT * 0.25
+        n = s.shape[-1]
+        return torch.softmax(s + torch.triu(torch.full((n, n), NEG_INF), 1), -1) @ v
+
+
+def autocast_padding(q, k, v, m, dt):
+    with torch.autocast("cpu", dtype=dt):
+        return torch.softmax(q @ k.mT * 0.25 + m, -1) @ v
+
+
+def autocast_gqa(q, k, v, m, dt):
+    with torch.autocast("cpu", dtype=dt):
+        n = q.shape[1] // k.shape[1]
+        return torch.softmax(q @ _repeat_kv(k, n).mT * 0.25 + m, -1) @ _repeat_kv(v, n)
+
+
+def autocast_disabled_inside(q, k, v, m, dt):
+    with torch.autocast("cpu", dtype=dt):
+        low = torch.softmax(q @ k.mT * 0.25 + m, -1) @ v
+        with torch.autocast("cpu", enabled=False):
+            full = torch.softmax(q @ k.mT * 0.25 + m, -1) @ v
+    return low, full
+
+
+def _assert_as_eager_under_autocast(actual, expected, reference):
+    """Eager's dtype; within the low-precision tolerance of eager, and no further from the float64
+    run than twice eager's own error (the op keeps the scores in float32: usually closer)."""
+    assert actual.dtype == expected.dtype
+    assert_same_as_eager(actual, expected)
+    err, eager_err = ((t.double() - reference).abs().max().item() for t in (actual, expected))
+    assert err <= 2 * eager_err + torch.finfo(expected.dtype).eps, (err, eager_err)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fn", [autocast_causal, autocast_padding, autocast_gqa, autocast_disabled_inside],
+                         ids=lambda f: f.__name__)
+def test_autocast_fuses_with_eager_dtypes(fn, dt):
+    q, k, v = _qkv(h=8, hkv=2 if fn is autocast_gqa else 8, sq=29)
+    m = torch.zeros(2, 1, 1, 29).masked_fill(torch.rand(2, 1, 1, 29) > 0.7, torch.finfo(torch.float32).min)
+    compiled = Compiled(fn)
+    outs, eager = compiled(q, k, v, m, dt), fn(q, k, v, m, dt)
+    reference = fn(*(t.double() for t in (q, k, v, m)), dt)  # autocast leaves float64 alone
+    pairs = zip(*(o if isinstance(o, tuple) else (o,) for o in (outs, eager, reference)))
+    for actual, expected, ref in pairs:
+        _assert_as_eager_under_autocast(actual, expected, ref)
+    assert compiled.fused == (2 if fn is autocast_disabled_inside else 1), compiled.refused
+    assert not compiled.refused
+    if fn is autocast_disabled_inside:
+        assert [o.dtype for o in outs] == [dt, torch.float32]
+
+
+def test_autocast_region_that_cannot_be_rerun_is_refused_with_the_reason():
+    """Eager's dtypes come from re-running the region on fake tensors; an op that cannot run
+    there (here: its input carries no recorded value) leaves them unknown: refused, with why."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fa_dynamo.config import FastAttentionConfig
+    from fa_dynamo.passes.attention import AttentionPass, AttentionReport
+
+    q, k, v = _qkv(sq=7)
+    m = torch.randn(2, 1, 1, 7)
+    gm = make_fx(lambda *t: autocast_padding(*t, torch.bfloat16), tracing_mode="fake", pre_dispatch=True)(q, k, v, m)
+    graph = gm.graph
+    enter = next(n for n in graph.nodes if getattr(n.target, "__name__", "") == "_enter_autocast")
+    with graph.inserting_before(enter):
+        unknown = graph.call_function(operator.neg, (next(iter(graph.nodes)),))  # no meta["val"]
+    with graph.inserting_after(enter):
+        graph.call_function(aten.abs.default, (unknown,))
+    report = AttentionReport("attention")
+    AttentionPass().run(gm, FastAttentionConfig(), report)
+    (_, why), = report.refused
+    assert "could not be recomputed" in why and "abs" in why, why
+    gm.recompile()
+    assert_same_as_eager(gm(q, k, v, m), autocast_padding(q, k, v, m, torch.bfloat16))
+
+
 # --- dynamic shapes, gradients, configuration -----------------------------------------------
 
 def test_dynamic_sequence_length_fuses_once():
@@ -225,6 +308,62 @@ def test_dynamic_sequence_length_fuses_once():
         q, k, v = _qkv(sq=s)
         assert_same_as_eager(compiled(q, k, v), causal_triu_full(q, k, v))
     assert len(compiled.backend.graphs) == 1 and compiled.fused == 1
+
+
+def dynamic_3d_scores_viewed_to_4d(q, k, v):
+    b, h, sq, d = q.shape
+    sk = k.shape[-2]
+    s = torch.bmm(q.reshape(b * h, sq, d), k.reshape(b * h, sk, d).transpose(1, 2))
+    s = s.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1), NEG_INF)
+    return s.softmax(-1).view(b, h, sq, sk) @ v
+
+
+def scores_metadata_reads(q, k, v):
+    s = q @ k.mT * 0.25
+    keep = s.new_ones(s.size(-2), s.size(-1), dtype=torch.bool).tril(s.size(-1) - s.size(-2))
+    p = torch.softmax(s.masked_fill(~keep, NEG_INF), dim=-1)
+    return p @ v + p.new_zeros(p.size(-2), 1)
+
+
+@pytest.mark.parametrize("fn", [dynamic_3d_scores_viewed_to_4d, scores_metadata_reads], ids=lambda f: f.__name__)
+def test_dynamic_layouts_and_metadata_reads_leave_no_dense_scores(fn):
+    """The op's output is reshaped with symbolic sizes read off live nodes, and size/dtype reads
+    of the scores are pointed elsewhere: neither keeps Q·Kᵀ, softmax or P·V alive."""
+    compiled = Compiled(fn, dynamic=True)
+    for b, h, sq, sk in [(3, 2, 5, 7), (2, 4, 6, 9)]:
+        q, k, v = _qkv(b=b, h=h, sq=sq, sk=sk)
+        assert_same_as_eager(compiled(q, k, v), fn(q, k, v))
+    assert compiled.fused == 1 and not compiled.refused, compiled.refused
+    dense = (aten.matmul.default, aten.bmm.default, aten.softmax.int)
+    assert not [n for _, after in compiled.backend.graphs for n in after.graph.nodes if n.target in dense]
+
+
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_size_read_off_the_scores_is_rerouted(tracing_mode):
+    """``sym_size`` of the scores (which make_fx emits only for a size no earlier node has, so it
+    is added by hand here) becomes an int or a ``sym_size`` of q/k, and Q·Kᵀ dies."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fa_dynamo.config import FastAttentionConfig
+    from fa_dynamo.passes.attention import AttentionPass, AttentionReport
+
+    gm = make_fx(matmul_div, tracing_mode=tracing_mode, pre_dispatch=True)(*_qkv(sq=7, sk=11))
+    graph = gm.graph
+    scores = next(n for n in graph.nodes if n.target is aten.matmul.default)
+    pv = next(n for n in graph.nodes if n.target is aten.matmul.default and n is not scores)
+    with graph.inserting_before(graph.output_node()):
+        size = graph.call_function(aten.sym_size.int, (scores, 3))
+        size.meta["val"] = scores.meta["val"].shape[3]
+        plus = graph.call_function(aten.add.Tensor, (pv, size))
+    pv.replace_all_uses_with(plus, delete_user_cb=lambda user: user is graph.output_node())
+    report = AttentionReport("attention")
+    AttentionPass().run(gm, FastAttentionConfig(), report)
+    gm.recompile()
+    assert report.fused and not report.refused, report.refused
+    assert not [n for n in graph.nodes if n.target is aten.matmul.default]
+    for sq, sk in [(7, 11)] + ([(5, 9)] if tracing_mode == "symbolic" else []):
+        q, k, v = _qkv(sq=sq, sk=sk)
+        assert_same_as_eager(gm(q, k, v), matmul_div(q, k, v) + sk)
 
 
 def test_gradients_through_the_fused_op():

@@ -1,1 +1,1 @@
-"""Benchmarks for fa_dynamo (run as modules: ``python -m benchmarks.bench_attention_cpu``)."""
+"""Benchmarks for fa_dynamo (run as python -m benchmarks <suite>; see --list)."""

@@ -25,8 +25,9 @@ SUITES = {
     "op": Suite("benchmarks.bench_attention_cpu", "op-level CPU attention: fa_dynamo op vs eager, SDPA, Inductor, Flex",
                 "~26 min (--quick ~3 min, --smoke ~25 s, --full ~2 h)"),
     "e2e": Suite("benchmarks.bench_e2e_cpu", "end-to-end CPU: transformers models compiled with fastattention",
-                 "see its --help"),
-    "gpu": Suite("benchmarks.bench_attention_gpu", "op-level GPU attention (needs CUDA)", "see its --help"),
+                 "~25-30 min (--quick ~3 min, --tiny ~1 min)"),
+    "gpu": Suite("benchmarks.bench_attention_gpu", "op-level GPU attention (needs CUDA)",
+                 "GPU only; --smoke ~30 s on CPU"),
     "coverage": Suite("benchmarks.coverage", "which attention sites fuse on 20 transformers families",
                       "12-30 min (--no-inductor 3-5 min)"),
     "allreduce": Suite("benchmarks.bench_allreduce", "tiling all_reduce on 2 gloo ranks", "~5 min (--quick < 1 min)"),
@@ -35,8 +36,8 @@ USAGE = "usage: python -m benchmarks {" + "|".join(SUITES) + "|all} [suite args]
 
 
 def list_suites() -> str:
-    width = max(map(len, SUITES))
-    return "\n".join(f"{name:<{width}}  {s.estimate:<48}  {s.what}" for name, s in SUITES.items())
+    width, est_width = max(map(len, SUITES)), max(len(s.estimate) for s in SUITES.values())
+    return "\n".join(f"{name:<{width}}  {s.estimate:<{est_width}}  {s.what}" for name, s in SUITES.items())
 
 
 def run_suite(name: str, argv: list[str]) -> int:

@@ -77,14 +77,18 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import cpu_model, describe_machine, machine_info, measure
+from benchmarks.attention_gpu_cases import PASSES, Case, matrix
+from benchmarks.attention_gpu_report import markdown, plot, versions_line
+from benchmarks.failures import error_line, is_out_of_memory
+from benchmarks.report_writing import command_line, write_report
+from benchmarks.timing import cpu_model, machine_info, measure
 
 # fa_dynamo imports triton, which reads TRITON_INTERPRET once: it is imported inside the method
 # builders, after main() has settled that variable.
@@ -95,59 +99,11 @@ HEAD_DIMS = (64, 128)
 TOKENS, MODEL_DIM = 16384, 2048  # B = TOKENS // S, H = MODEL_DIM // d (FlashAttention's benchmark)
 SMOKE_LENGTHS, SMOKE_HEAD_DIMS, SMOKE_TOKENS, SMOKE_MODEL_DIM = (64, 128), (16, 32), 128, 64
 SMOKE_REPEATS = 1
-PASSES = ("fwd", "fwd_bwd")
 MASKS = ("causal", "full")
 CHECK_MAX_LEN = 2048  # the float64 reference materializes B·H·S² scores (and their gradients)
-BACKWARD_FLOP_FACTOR = 2.5  # backward = 2.5 forwards (FlashAttention's convention)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MiB = 1024**2
 NO_CUDA = "no CUDA device: no GPU figures measured; run on a GPU machine (or pass --smoke for the CPU pipeline check)"
-
-
-@dataclass(frozen=True)
-class Case:
-    seq_len: int
-    head_dim: int
-    causal: bool
-    pass_name: str  # "fwd" | "fwd_bwd"
-    batch: int
-    heads: int
-    kv_heads: int
-
-    @property
-    def config(self) -> str:
-        """The case without its length: the unit of the correctness check."""
-        return f"d{self.head_dim}-{'causal' if self.causal else 'full'}-{self.pass_name}"
-
-    @property
-    def key(self) -> str:
-        return f"S{self.seq_len}-{self.config}"
-
-    @property
-    def backward(self) -> bool:
-        return self.pass_name == "fwd_bwd"
-
-    @property
-    def flop(self) -> float:
-        """4·B·H·S²·d, ½ causal, × (1 + 2.5) with the backward."""
-        fwd = 4.0 * self.batch * self.heads * self.seq_len**2 * self.head_dim / (2 if self.causal else 1)
-        return fwd * (1 + BACKWARD_FLOP_FACTOR) if self.backward else fwd
-
-
-def matrix(lengths, head_dims, masks, passes, tokens: int, model_dim: int, gqa: int) -> list[Case]:
-    """Every case, the lengths innermost and ascending (each configuration's check comes first)."""
-    cases = []
-    for d in head_dims:
-        if model_dim % d:
-            raise ValueError(f"--model-dim {model_dim} is not a multiple of head dim {d}")
-        heads = model_dim // d
-        if gqa < 1 or heads % gqa:
-            raise ValueError(f"--gqa {gqa} must divide the {heads} heads of head dim {d} (model dim {model_dim})")
-        for mask in masks:
-            for pass_name in passes:
-                for s in sorted(lengths):
-                    cases.append(Case(s, d, mask == "causal", pass_name, max(1, tokens // s), heads, heads // gqa))
-    return cases
 
 
 # --- the methods: each builds, outside the timed region, a call returning [B, H, S, d] ----------
@@ -241,15 +197,6 @@ METHODS: dict[str, Callable] = {
     "flex": _flex,
     "xformers": _xformers,
 }
-LABELS = {
-    "fa_dynamo_triton": "fa_dynamo triton", "fa_dynamo_auto": "fa_dynamo auto", "sdpa_flash": "SDPA flash",
-    "sdpa_efficient": "SDPA efficient", "sdpa_cudnn": "SDPA cuDNN", "sdpa_math": "SDPA math",
-    "flex": "FlexAttention", "xformers": "xformers",
-}
-# one colour and marker per method in every panel; auto runs the Triton kernel on CUDA, so it is drawn over it
-STYLES = {m: {"color": f"C{i}", "marker": "osD^v<>p"[i]} for i, m in enumerate(METHODS)}
-STYLES["fa_dynamo_auto"].update(linestyle="--", marker="x", markersize=8)
-
 
 # --- correctness ---------------------------------------------------------------------------------
 
@@ -327,11 +274,10 @@ class _Heard:
 
 
 def describe_failure(e: BaseException, heard: Optional[_Heard] = None) -> str:
-    text = str(e).strip()
-    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+    """``OOM``, an ``Unavailable``'s own reason, or the error line with what fa_dynamo / SDPA warned."""
+    if is_out_of_memory(e):
         return "OOM"
-    first = text.splitlines()[0] if text else ""
-    message = first if isinstance(e, Unavailable) else f"{type(e).__name__}: {first}"
+    message = error_line(e).split(": ", 1)[1] if isinstance(e, Unavailable) else error_line(e)
     reasons = heard.reasons() if heard is not None and not isinstance(e, Unavailable) else ""
     return (f"{message} [{reasons}]" if reasons else message)[:400]
 
@@ -472,7 +418,7 @@ def run(cases: list[Case], methods: list[str], report: dict, args, device: torch
     return 0
 
 
-# --- the report ----------------------------------------------------------------------------------
+# --- the device and the report it goes into --------------------------------------------------
 
 
 def device_info(smoke: bool) -> dict:
@@ -499,152 +445,6 @@ def device_info(smoke: bool) -> dict:
         "cudnn": torch.backends.cudnn.version(),
         **info,
     }
-
-
-def versions_line(gpu: dict) -> str:
-    cuda = f"CUDA {gpu['cuda']}, cuDNN {gpu.get('cudnn')}, " if gpu.get("cuda") else "no CUDA, "
-    xf = f", xformers {gpu['xformers']}" if gpu.get("xformers") else ", xformers not installed"
-    return f"{cuda}torch {gpu['torch']}, triton {gpu['triton']}{xf}"
-
-
-def _cell(result: Optional[dict], ok: Optional[bool], notes: dict) -> str:
-    if result is None:
-        return ""
-    if "error" in result:
-        if result["error"] == "OOM":
-            return "OOM"
-        number = notes.setdefault(result["error"], len(notes) + 1)
-        return f"—[{number}]"
-    return f"{result['tflops']:.3g}" + (" ✗" if ok is False else "")
-
-
-def _check_of(report: dict, case: dict, method: str) -> Optional[dict]:
-    """The check at the case's configuration's first length, wherever that row is."""
-    config = Case(**case).config
-    rows = [r for r in report["cases"].values() if Case(**r["case"]).config == config]
-    for row in sorted(rows, key=lambda r: r["case"]["seq_len"]):
-        if "check" in row["results"].get(method, {}):
-            return row["results"][method]["check"]
-    return None
-
-
-def markdown(report: dict) -> str:
-    gpu, s = report["device"], report["settings"]
-    methods = report["methods"]
-    lines = [f"# Attention TFLOP/s on {gpu['device']}: fa_dynamo's Triton kernel against SDPA, Flex, xformers", ""]
-    if s["smoke"]:
-        lines += ["**SMOKE RUN on CPU tensors (Triton interpreter): a pipeline check, not GPU figures.**", ""]
-    lines += [
-        f"- **Device**: {gpu['device']}"
-        + (f" ({gpu['capability']}, {gpu['multiprocessors']} SMs, {gpu['gpu_memory_gib']} GiB)" if gpu.get("capability") else ""),
-        f"- **Software**: {versions_line(gpu)}",
-        f"- **Host**: {describe_machine(report['host'])}",
-        f"- **Date**: {report['host']['date']}",
-        "- **Commands**: " + "; ".join(f"`{r['command']}` ({r['date']})" for r in report["runs"]),
-        f"- **Shapes**: {s['dtype']}, B = {s['tokens']} // S (≥ 1), H = {s['model_dim']} // d, "
-        + (f"K/V heads H / {s['gqa']}" if s["gqa"] > 1 else "no GQA"),
-        "",
-        "TFLOP/s = 4·B·H·S²·d (½ when causal, × 3.5 for fwd+bwd) / median time (" + s["timer"] + "); higher is "
-        "better. *triton/flash* = fa_dynamo triton ÷ SDPA flash. ✗: the method failed the correctness check "
-        "(against float64 SDPA math) in that configuration, do not trust the number. OOM: out of memory; "
-        "—[n]: failed, reason n below.",
-        "",
-    ]
-    notes: dict[str, int] = {}
-    rows = sorted(report["cases"].values(), key=lambda r: (r["case"]["head_dim"], not r["case"]["causal"],
-                                                           r["case"]["pass_name"], r["case"]["seq_len"]))
-    head = "| S | d | mask | pass | B×H |"
-    lines += ["## TFLOP/s", "", head + "".join(f" {LABELS[m]} |" for m in methods) + " triton/flash |",
-              "|" + "---:|" * 5 + "---:|" * (len(methods) + 1)]
-    for row in rows:
-        c, res = row["case"], row["results"]
-        checks = {m: (_check_of(report, c, m) or {}).get("ok") for m in methods}
-        cells = [_cell(res.get(m), checks[m], notes) for m in methods]
-        tri, fl = res.get("fa_dynamo_triton", {}), res.get("sdpa_flash", {})
-        ratio = f"{tri['tflops'] / fl['tflops']:.2f}" if "tflops" in tri and "tflops" in fl else ""
-        lines.append(_row_prefix(c) + "".join(f" {x} |" for x in cells) + f" {ratio} |")
-    lines += ["", "## Peak memory above the inputs (MiB)", ""]
-    if any(r.get("peak_mib") is not None for row in rows for r in row["results"].values()):
-        lines += [head + "".join(f" {LABELS[m]} |" for m in methods), "|" + "---:|" * (5 + len(methods))]
-        for row in rows:
-            res = row["results"]
-            cells = [f"{res[m]['peak_mib']:.0f}" if res.get(m, {}).get("peak_mib") is not None else
-                     ("OOM" if res.get(m, {}).get("error") == "OOM" else "") for m in methods]
-            lines.append(_row_prefix(row["case"]) + "".join(f" {x} |" for x in cells))
-    else:
-        lines.append("Not measured: peak memory comes from the CUDA allocator.")
-    lines += ["", "## Correctness (first length of each configuration, max |error| / tolerance)", "",
-              "| S | d | mask | pass | method | ok | out | dq | dk | dv |", "|---:|---:|---|---|---|---|---:|---:|---:|---:|"]
-    for row in rows:
-        for m in methods:
-            check = row["results"].get(m, {}).get("check")
-            if check is None:
-                continue
-            c = row["case"]
-            errs = check.get("errors", {})
-            cells = [f"{errs[t]['max_err']:.2g} / {errs[t]['tol']:.2g}" if t in errs else "" for t in ("out", "dq", "dk", "dv")]
-            ok = {True: "ok", False: "**FAIL**", None: check.get("error", "not checked")}[check["ok"]]
-            lines.append(f"| {c['seq_len']} | {c['head_dim']} | {'causal' if c['causal'] else 'full'} | {c['pass_name']} "
-                         f"| {LABELS[m]} | {ok} |" + "".join(f" {x} |" for x in cells))
-    if notes:
-        lines += ["", "## Failures", ""] + [f"{n}. {text}" for text, n in notes.items()]
-    if report.get("not_run"):
-        lines += ["", f"**Not run (time budget)**: {', '.join(report['not_run'])}"]
-    return "\n".join(lines) + "\n"
-
-
-def _row_prefix(c: dict) -> str:
-    mask = "causal" if c["causal"] else "full"
-    return f"| {c['seq_len']} | {c['head_dim']} | {mask} | {c['pass_name']} | {c['batch']}×{c['heads']} |"
-
-
-def plot(report: dict, path: Path) -> bool:
-    """TFLOP/s against S, one line per method; a panel per (pass, head dim, mask)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
-        return False
-    cases = [r["case"] for r in report["cases"].values()]
-    passes = sorted({c["pass_name"] for c in cases}, key=PASSES.index)
-    columns = sorted({(c["head_dim"], c["causal"]) for c in cases}, key=lambda x: (x[0], not x[1]))
-    fig, axes = plt.subplots(len(passes), len(columns), figsize=(4.2 * len(columns), 3.6 * len(passes)),
-                             squeeze=False, sharex=True)
-    for i, pass_name in enumerate(passes):
-        for j, (d, causal) in enumerate(columns):
-            ax = axes[i][j]
-            rows = sorted((r for r in report["cases"].values() if (r["case"]["pass_name"], r["case"]["head_dim"],
-                           r["case"]["causal"]) == (pass_name, d, causal)), key=lambda r: r["case"]["seq_len"])
-            for m in report["methods"]:
-                points = [(r["case"]["seq_len"], r["results"][m]["tflops"]) for r in rows if "tflops" in r["results"].get(m, {})]
-                if points:
-                    ax.plot(*zip(*points), label=LABELS[m], **STYLES[m])
-            lengths = [r["case"]["seq_len"] for r in rows]
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
-            ax.minorticks_off()
-            ax.set_title(f"{pass_name}, d={d}, {'causal' if causal else 'full'}", fontsize=9)
-            ax.set_xlabel("sequence length S")
-            ax.set_ylabel("TFLOP/s")
-            ax.grid(alpha=0.3)
-    legend = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=max(1, min(len(legend), 8)), fontsize=8)
-    gpu = report["device"]
-    smoke = " — SMOKE RUN ON CPU, not GPU figures" if report["settings"]["smoke"] else ""
-    fig.suptitle(f"{gpu['device']}{smoke}\n{versions_line(gpu)}; {report['host']['date']}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.93))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def new_report(args, gpu: dict, methods: list[str], command: str) -> dict:
@@ -721,20 +521,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         _allow_one_graph_per_shape()
     cases = matrix(args.lengths, args.head_dims, args.masks, args.passes, args.tokens, args.model_dim, args.gqa)
     gpu = device_info(args.smoke)
-    command = "python -m benchmarks.bench_attention_gpu " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = new_report(args, gpu, args.methods, command.strip())
-    args.out.mkdir(parents=True, exist_ok=True)
+    command = command_line("python -m benchmarks.bench_attention_gpu", sys.argv[1:] if argv is None else argv)
+    report = new_report(args, gpu, args.methods, command)
     stem = args.out / f"attention_gpu_{gpu['slug']}"
 
     def write(rep: dict) -> None:
-        _write_atomic(stem.with_suffix(".json"), json.dumps(rep, indent=1))
-        _write_atomic(stem.with_suffix(".md"), markdown(rep))
+        write_report(stem, rep, markdown(rep))
 
     print(f"{gpu['device']}; {versions_line(gpu)}; {len(cases)} cases × {len(args.methods)} methods "
           f"→ {stem}.{{json,md,png}}", flush=True)
     status = run(cases, args.methods, report, args, device, write)
     write(report)
-    plot(report, stem.with_suffix(".png"))
+    plot(report, stem.with_name(stem.name + ".png"))
     print(f"wrote {stem}.json, .md, .png", flush=True)
     return status
 

@@ -44,7 +44,7 @@ chose (teacher forcing, so every configuration's logits are comparable step by s
 the first compiles, the second is timed (tokens/s = N / decode time).
 
 Peak memory: one process per (model, configuration) — a subprocess per model that imports torch
-once and forks a child per configuration (``bench_attention_cpu._forked``), so each child's
+once and forks a child per configuration (``peak_memory.run_forked``), so each child's
 ``ru_maxrss`` is its own. After a compiling call at the shortest length the peak-RSS mark is
 reset before each prefill; the peak is ``ru_maxrss`` minus the RSS before the call.
 
@@ -57,189 +57,38 @@ import argparse
 import gc
 import json
 import math
-import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import transformers
-from torch._dynamo.utils import counters
 
-from benchmarks.bench_attention_cpu import _forked, _maxrss_mib, _mem_available, _reset_peak, _rss_mib
-from benchmarks.timing import CpuLoad, describe_machine, machine_info, measure_interleaved
-from fa_dynamo import FastAttentionBackend
+from benchmarks.e2e_models import (
+    CONFIGS,
+    DEFAULT_CONFIGS,
+    ENCODERS,
+    FA_CONFIGS,
+    FAMILIES,
+    FULL,
+    QUICK,
+    QUICK_MODELS,
+    TINY,
+    Plan,
+    Runner,
+    build_runners,
+    graphs_compiled,
+    token_ids,
+)
+from benchmarks.e2e_report import fa_missed, markdown, plot, targets
+from benchmarks.failures import error_line
+from benchmarks.peak_memory import available_bytes, maxrss_mib, reset_peak, rss_mib, run_forked
+from benchmarks.report_writing import command_line, write_report
+from benchmarks.timing import CpuLoad, describe_machine, machine_info, measure_interleaved, predict_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FAMILIES = ("llama", "mistral", "gpt2", "bert")
-ENCODERS = ("bert",)
-FA_CONFIGS = ("fa_eager", "fa_inductor")
-TARGET_VS_EAGER, TARGET_VS_INDUCTOR = 1.3, 1.0
-
-
-@dataclass(frozen=True)
-class Config:
-    """How a model is run: its attention implementation and the compiler around it (None: uncompiled)."""
-
-    attn: str
-    backend: Optional[str] = None
-    options: dict = field(default_factory=dict)
-    label: str = ""
-
-
-CONFIGS = {
-    "eager": Config("eager", label="eager attention"),
-    "sdpa": Config("sdpa", label="SDPA attention"),
-    "inductor": Config("eager", "inductor", label="Inductor (eager attention)"),
-    "fa_eager": Config("eager", "fastattention", {"inner": "eager"}, "fastattention, inner eager"),
-    "fa_inductor": Config("eager", "fastattention", {"inner": "inductor"}, "fastattention, inner Inductor"),
-    "sdpa_inductor": Config("sdpa", "inductor", label="Inductor (SDPA attention)"),
-}
-DEFAULT_CONFIGS = ("eager", "sdpa", "inductor", "fa_eager", "fa_inductor")
-QUICK_MODELS = ("llama", "bert")  # a decoder with GQA and an encoder: --quick stays near 3 minutes
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Model size and what to run; ``FULL``, ``QUICK`` and ``TINY`` (the smoke test) below."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    window: int  # Mistral's sliding window, in tokens
-    lengths: tuple[int, ...]  # prefill lengths
-    decode_prompt: int
-    decode_steps: int
-    budget_min: float
-    repeats: int = 3  # timed prefill calls per configuration (after the first call)
-
-    @property
-    def max_positions(self) -> int:
-        return max(max(self.lengths), self.decode_prompt + self.decode_steps)
-
-
-FULL = Plan(512, 4, 8, 2, 32000, 1024, (512, 2048, 8192), 1024, 32, budget_min=28)
-QUICK = Plan(256, 2, 4, 2, 32000, 256, (256, 1024), 256, 8, budget_min=6)
-TINY = Plan(64, 2, 4, 2, 1000, 96, (64, 128), 64, 2, budget_min=5, repeats=2)
-
-
-# --- models ------------------------------------------------------------------------------------
-
-
-def build_model(family: str, plan: Plan, attn: str, seed: int = 0) -> torch.nn.Module:
-    """``family`` at ``plan``'s size with ``attn_implementation=attn``; weights from ``seed``."""
-    torch.manual_seed(seed)
-    h, n = plan.hidden, plan.max_positions
-    common = dict(vocab_size=plan.vocab, attn_implementation=attn)
-    if family in ("llama", "mistral"):
-        kw = dict(
-            hidden_size=h, intermediate_size=h * 11 // 4, num_hidden_layers=plan.layers,
-            num_attention_heads=plan.heads, num_key_value_heads=plan.kv_heads, max_position_embeddings=n, **common,
-        )
-        if family == "llama":
-            return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-        return transformers.MistralForCausalLM(transformers.MistralConfig(**kw, sliding_window=plan.window)).eval()
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(n_embd=h, n_inner=4 * h, n_layer=plan.layers, n_head=plan.heads, n_positions=n, **common)
-        return transformers.GPT2LMHeadModel(cfg).eval()
-    if family == "bert":
-        cfg = transformers.BertConfig(
-            hidden_size=h, intermediate_size=4 * h, num_hidden_layers=plan.layers, num_attention_heads=plan.heads,
-            max_position_embeddings=n, **common,
-        )
-        return transformers.BertModel(cfg, add_pooling_layer=False).eval()
-    raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
-
-
-def graphs_compiled() -> int:
-    """Dynamo's count of graphs compiled so far in this process (all backends)."""
-    return counters["stats"]["unique_graphs"]
-
-
-def _mark_cache_dynamic(cache) -> None:
-    """Mark the KV cache's sequence dim dynamic so decode steps share one graph."""
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor) and t.dim() >= 2:
-                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2)
-
-
-class Runner:
-    """One model under one configuration: the module, the callable, the fastattention backend."""
-
-    def __init__(self, family: str, config: Config, module: torch.nn.Module):
-        self.family, self.config, self.module = family, config, module
-        self.backend = FastAttentionBackend(config.options) if config.backend == "fastattention" else None
-        if config.backend is None:
-            self.fn = module
-        else:
-            self.fn = torch.compile(module, backend=self.backend or config.backend)
-
-    @property
-    def compiled(self) -> bool:
-        return self.config.backend is not None
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """One forward pass; decoders: last-token logits [1, V], encoders: hidden states [1, S, H]."""
-        if self.compiled:
-            torch._dynamo.maybe_mark_dynamic(ids, 1)
-        with torch.no_grad():
-            if self.family in ENCODERS:
-                return self.fn(input_ids=ids).last_hidden_state
-            return self.fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
-
-    def decode(self, prompt: torch.Tensor, steps: int, tokens: Optional[list] = None):
-        """Uncompiled prefill of ``prompt``, then ``steps`` one-token calls of ``fn``.
-
-        Feeds ``tokens`` (teacher forcing) or, without them, the greedy choice. Returns the fed
-        tokens, the step logits [steps, V] and the seconds of each step.
-        """
-        fed, logits, times = [], [], []
-        with torch.no_grad():
-            out = self.module(input_ids=prompt, use_cache=True, logits_to_keep=1)
-            cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-            if self.compiled:
-                _mark_cache_dynamic(cache)
-            for i in range(steps):
-                tok = nxt if tokens is None else tokens[i]
-                t0 = time.perf_counter()
-                out = self.fn(input_ids=tok, cache=cache, use_cache=True)
-                times.append(time.perf_counter() - t0)
-                cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-                fed.append(tok)
-                logits.append(out.logits[:, -1])
-        return fed, torch.cat(logits), times
-
-    def fused_sites(self, since: int = 0) -> Optional[dict]:
-        """Attention sites fused / found by the attention pass in graphs compiled after report ``since``."""
-        if self.backend is None:
-            return None
-        reps = [r for reports in self.backend.reports[since:] for r in reports if r.name == "attention"]
-        return {
-            "fused": sum(len(r.fused) for r in reps),
-            "candidates": sum(len(r.sites) for r in reps),
-            "refused": [f"{w}: {why}" for r in reps for w, why in r.refused],
-            "pass_errors": [r.error for r in reps if r.error],
-        }
-
-
-def build_runners(family: str, plan: Plan, configs: tuple[str, ...]) -> dict[str, Runner]:
-    eager = build_model(family, plan, "eager")
-    modules = {"eager": eager}
-    if any(CONFIGS[c].attn == "sdpa" for c in configs):
-        modules["sdpa"] = build_model(family, plan, "sdpa")
-        modules["sdpa"].load_state_dict(eager.state_dict())
-    return {c: Runner(family, CONFIGS[c], modules[CONFIGS[c].attn]) for c in configs}
-
-
-def token_ids(length: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -252,7 +101,7 @@ def tolerance(ref: torch.Tensor, rel: float) -> float:
 
 
 def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    return error_line(e)[:300]
 
 
 # --- the time budget ---------------------------------------------------------------------------
@@ -282,7 +131,7 @@ class Budget:
         if len(pts) > 1 and pts[-2][0] < l2:
             l1, t1 = pts[-2]
             p = min(2.0, max(1.0, math.log(t2 / t1) / math.log(l2 / l1)))
-        return t2 * (length / l2) ** p
+        return predict_seconds(t2, l2**p, length**p)  # time ∝ length**p
 
     def skip_reason(self, family: str, config: str, length: int, calls: int) -> Optional[str]:
         left = self.left_s()
@@ -305,7 +154,7 @@ def eager_scores_gib(plan: Plan, length: int) -> float:
 def memory_skip_reason(plan: Plan, config: str, length: int) -> Optional[str]:
     if CONFIGS[config].attn != "eager" or config in FA_CONFIGS:
         return None
-    need, avail = eager_scores_gib(plan, length), _mem_available()
+    need, avail = eager_scores_gib(plan, length), available_bytes()
     if avail is not None and need > 0.7 * avail / 1024**3:
         return f"skipped: needs ~{need:.1f} GiB, {avail / 1024**3:.1f} GiB available"
     return None
@@ -455,9 +304,9 @@ def memory_worker(family: str, config: str, plan: Plan, lengths: list[int]) -> d
     for length in lengths:
         ids = token_ids(length, plan.vocab, seed=length)
         gc.collect()
-        reset, base, g0 = _reset_peak(), _rss_mib(), graphs_compiled()
+        reset, base, g0 = reset_peak(), rss_mib(), graphs_compiled()
         runner.prefill(ids)
-        out[str(length)] = {"peak_mib": _maxrss_mib() - base, "baseline_mib": base, "peak_reset": reset,
+        out[str(length)] = {"peak_mib": maxrss_mib() - base, "baseline_mib": base, "peak_reset": reset,
                             "includes_compile": graphs_compiled() > g0}
     return out
 
@@ -483,17 +332,6 @@ def run_memory(family: str, lengths: dict[str, list[int]], plan_args: list[str],
 
 
 # --- one model ---------------------------------------------------------------------------------
-
-
-def fa_missed(prefill: dict) -> Optional[str]:
-    """The fastattention config that missed a prefill target at this length, if any."""
-    for name in FA_CONFIGS:
-        row = prefill["configs"].get(name, {})
-        for peer, target in (("eager", TARGET_VS_EAGER), ("inductor", TARGET_VS_INDUCTOR)):
-            s = row.get(f"speedup_vs_{peer}")
-            if s is not None and s < target:
-                return name
-    return None
 
 
 def bench_family(family: str, plan: Plan, configs: tuple[str, ...], args, budget: Budget, bar, report: dict) -> dict:
@@ -536,210 +374,6 @@ def bench_family(family: str, plan: Plan, configs: tuple[str, ...], args, budget
             }
         bar.update()
     return result
-
-
-# --- targets, markdown, plot --------------------------------------------------------------------
-
-
-def targets(report: dict) -> list[dict]:
-    """Per model, length and fastattention config: speedups against the targets, met or missed by how much."""
-    rows = []
-    for fam in report["families"]:
-        comp = {}
-        for c in ("inductor", *FA_CONFIGS):
-            times = [p["configs"][c]["compile_s"] for p in fam["prefill"] if "compile_s" in p["configs"].get(c, {})]
-            comp[c] = sum(times) if times else None
-        for p in fam["prefill"]:
-            for name in FA_CONFIGS:
-                row = p["configs"].get(name)
-                if row is None:
-                    continue
-                out = {"family": fam["family"], "length": p["length"], "config": name,
-                       "compile_s": comp[name], "inductor_compile_s": comp["inductor"]}
-                for peer, target in (("eager", TARGET_VS_EAGER), ("inductor", TARGET_VS_INDUCTOR)):
-                    s = row.get(f"speedup_vs_{peer}")
-                    out[f"vs_{peer}"] = s
-                    out[f"vs_{peer}_status"] = (
-                        "not measured" if s is None else "met" if s >= target else f"missed by {(target - s) / target:.0%}"
-                    )
-                rows.append(out)
-    return rows
-
-
-def _f(x: Optional[float], digits: int = 2) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
-def _cell_status(row: dict) -> str:
-    return row.get("skipped") or row.get("error") or ""
-
-
-def _sites(row: dict) -> str:
-    s = row.get("fa_sites")
-    if not s:
-        return ""
-    return f"{s['fused']}/{s['candidates']}" + "".join(f" (pass failed: {e})" for e in s["pass_errors"][:1])
-
-
-def _ok(row: dict) -> str:
-    if "outputs_ok" not in row:
-        return "ref"
-    return f"{row['max_abs_diff']:.1e} {'ok' if row['outputs_ok'] else '**WRONG**'}"
-
-
-def markdown(report: dict) -> str:
-    m, plan = report["machine"], report["plan"]
-    lines = [
-        "# fa_dynamo end to end — transformers models on CPU",
-        "",
-        f"- **Machine**: {describe_machine(m)}",
-        f"- **Date**: {m['date']}",
-        f"- **Command**: `{report['command']}` (from the repository root); run time {report['total_s'] / 60:.1f} min",
-        f"- **Background load**: other processes kept {_f(report['load'].get('other_processes_cores_avg'))} of "
-        f"{m['cores']} cores busy on average (from /proc/stat)",
-        f"- **Models**: {', '.join(report['families_requested'])}; {plan['layers']} layers, hidden {plan['hidden']}, "
-        f"{plan['heads']} heads (Llama/Mistral GQA {plan['heads']}/{plan['kv_heads']}), vocabulary {plan['vocab']}, "
-        f"Mistral sliding window {plan['window']}; random weights (seed 0), fp32, batch 1, eval",
-        "- **Configurations**: " + "; ".join(f"`{c}` = {CONFIGS[c].label}" for c in report["configs"]),
-        "",
-        "Prefill: decoders compute last-token logits (`logits_to_keep=1`), BERT its hidden states. Median of "
-        f"{plan['repeats']} timed calls after a first call, configurations interleaved round-robin. *compile s* = "
-        "first call − median at that length; *graphs* = graphs Dynamo compiled during the first call (0: the "
-        "dynamic graph was reused); *diff* = max abs difference from eager's output (tolerance "
-        f"{report['rel_tol']:g} × max |eager|); *fa sites* = attention sites fused / found by fa_dynamo.",
-        "",
-        "## Prefill",
-        "",
-        "| model | tokens | config | median ms | tokens/s | vs eager | vs Inductor | first call s | compile s | graphs | fa sites | diff |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for fam in report["families"]:
-        for p in fam["prefill"]:
-            for name, r in p["configs"].items():
-                if "median_ms" not in r:
-                    lines.append(f"| {fam['family']} | {p['length']} | {name} | {_cell_status(r)} | | | | | | | | |")
-                    continue
-                lines.append(
-                    f"| {fam['family']} | {p['length']} | {name} | {r['median_ms']:.0f} | {r['tokens_per_s']:.0f} | "
-                    f"{_f(r.get('speedup_vs_eager'))} | {_f(r.get('speedup_vs_inductor'))} | {r['first_call_s']:.1f} | "
-                    f"{_f(r.get('compile_s'), 1)} | {r['graphs_compiled']} | {_sites(r)} | {_ok(r)} |"
-                )
-    lines += [
-        "",
-        "## Decode",
-        "",
-        "After an uncompiled prefill of the prompt, one-token steps with a `DynamicCache`, fed eager's greedy "
-        "tokens. *graphs* = graphs compiled over the first run's steps (1–2 means no per-step recompiles; "
-        "*timed run* must be 0); *same tokens* = every step's argmax equals eager's.",
-        "",
-        "| model | prompt + steps | config | tokens/s | median step ms | vs eager | compile s | graphs | timed run | fa sites | diff | same tokens |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for fam in report["families"]:
-        d = fam.get("decode")
-        if not d:
-            continue
-        for name, r in d["configs"].items():
-            if "tokens_per_s" not in r:
-                lines.append(f"| {fam['family']} | {d['prompt']} + {d['steps']} | {name} | {_cell_status(r)} | | | | | | | | |")
-                continue
-            lines.append(
-                f"| {fam['family']} | {d['prompt']} + {d['steps']} | {name} | {r['tokens_per_s']:.1f} | {r['median_step_ms']:.1f} | "
-                f"{_f(r.get('speedup_vs_eager'))} | {_f(r.get('compile_s'), 1)} | {r['graphs_compiled']} | "
-                f"{r['graphs_compiled_timed_run']} | {_sites(r)} | {_ok(r)} | {r.get('same_tokens', 'ref')} |"
-            )
-    if any(fam["memory"] for fam in report["families"]):
-        lines += [
-            "",
-            "## Peak memory (prefill)",
-            "",
-            "One process per model and configuration (forked from a fresh subprocess); peak RSS of one prefill above the RSS before it (MiB; "
-            "after a compiling call at the shortest length). * = the call compiled (a new graph).",
-            "",
-            "| model | config | " + " | ".join(f"{n} tokens" for n in plan["lengths"]) + " |",
-            "|---|---|" + "---:|" * len(plan["lengths"]),
-        ]
-        for fam in report["families"]:
-            for name, mem in fam["memory"].items():
-                cells = []
-                for n in plan["lengths"]:
-                    c = mem.get(str(n), {})
-                    cells.append(f"{max(0.0, c['peak_mib']):.0f}{'*' if c['includes_compile'] else ''}" if "peak_mib" in c else _cell_status(c))
-                lines.append(f"| {fam['family']} | {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Targets",
-        "",
-        f"Prefill end to end: fastattention ≥ {TARGET_VS_EAGER}× the eager-attention model and ≥ {TARGET_VS_INDUCTOR}× "
-        "Inductor, measured in this run; compile time (all prefill lengths) next to Inductor's.",
-        "",
-        f"| model | tokens | config | vs eager (≥ {TARGET_VS_EAGER}) | | vs Inductor (≥ {TARGET_VS_INDUCTOR}) | | compile s | Inductor compile s |",
-        "|---|---:|---|---:|---|---:|---|---:|---:|",
-    ]
-    for t in report["targets"]:
-        lines.append(
-            f"| {t['family']} | {t['length']} | {t['config']} | {_f(t['vs_eager'])} | {t['vs_eager_status']} | "
-            f"{_f(t['vs_inductor'])} | {t['vs_inductor_status']} | {_f(t['compile_s'], 1)} | {_f(t['inductor_compile_s'], 1)} |"
-        )
-    missed = [t for t in report["targets"] if "missed" in t["vs_eager_status"] + t["vs_inductor_status"]]
-    lines += ["", f"Targets missed: {len(missed)} of {2 * len(report['targets'])} comparisons."]
-    prof = report.get("profile")
-    if prof:
-        lines += ["", "## Bottleneck (profile of the first missed case)", "", prof["note"]]
-        if prof.get("top_ops"):
-            lines += ["", "| op | self ms | share | calls |", "|---|---:|---:|---:|"]
-            lines += [f"| `{o['op']}` | {o['self_ms']:.1f} | {o['share']:.0%} | {o['calls']} |" for o in prof["top_ops"]]
-    wrong = [
-        f"{fam['family']} {where} {name}"
-        for fam in report["families"]
-        for where, rows in [(f"prefill {p['length']}", p["configs"]) for p in fam["prefill"]]
-        + ([("decode", fam["decode"]["configs"])] if fam.get("decode") else [])
-        for name, r in rows.items()
-        if r.get("outputs_ok") is False
-    ]
-    lines += ["", "Outputs beyond tolerance (their timings are not to be trusted): " + ("; ".join(wrong) or "none") + "."]
-    lines += ["", "Plot: `e2e_cpu.png` (prefill latency vs length per model; decode tokens/s).", ""]
-    return "\n".join(lines)
-
-
-def plot(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
-        return False
-    fams = report["families"]
-    fig, axes = plt.subplots(1, len(fams) + 1, figsize=(4 * (len(fams) + 1), 4))
-    for ax, fam in zip(axes, fams):
-        for name in report["configs"]:
-            pts = [(p["length"], p["configs"][name]["median_ms"]) for p in fam["prefill"] if "median_ms" in p["configs"].get(name, {})]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks([p["length"] for p in fam["prefill"]], [str(p["length"]) for p in fam["prefill"]])
-        ax.set_title(f"{fam['family']} prefill", fontsize=9)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("median ms (log)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    ax = axes[-1]
-    decs = [f for f in fams if f.get("decode")]
-    width = 0.8 / max(1, len(report["configs"]))
-    for i, name in enumerate(report["configs"]):
-        ys = [f["decode"]["configs"].get(name, {}).get("tokens_per_s", 0) for f in decs]
-        ax.bar([j + i * width for j in range(len(decs))], ys, width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(decs))], [f["family"] for f in decs])
-    ax.set_title("decode tokens/s", fontsize=9)
-    m = report["machine"]
-    fig.suptitle(f"{m['cpu_model']}, {m['cores']} cores, torch {m['torch']} — {m['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -802,15 +436,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch._dynamo.config.recompile_limit = 64
     if args.memory_worker:
         spec = json.loads(args.memory_worker)
-        print(json.dumps({c: _forked(memory_worker, spec["family"], c, plan, ns) if ns else {}
+        print(json.dumps({c: run_forked(memory_worker, spec["family"], c, plan, ns) if ns else {}
                           for c, ns in spec["lengths"].items()}))
         return 0
 
     from tqdm import tqdm
 
-    command = "python -m benchmarks e2e " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("python -m benchmarks e2e", sys.argv[1:] if argv is None else argv)
     report: dict = {
-        "machine": machine_info(), "command": command.strip(), "plan": asdict(plan), "configs": list(args.configs),
+        "machine": machine_info(), "command": command, "plan": asdict(plan), "configs": list(args.configs),
         "families_requested": list(args.models), "rel_tol": args.rel_tol, "families": [],
     }
     print(describe_machine(report["machine"]), flush=True)
@@ -825,10 +459,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     report["total_s"] = time.perf_counter() - t_start
     report["targets"] = targets(report)
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "e2e_cpu.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     text = markdown(report)
-    (args.out_dir / "e2e_cpu.md").write_text(text)
+    write_report(args.out_dir / "e2e_cpu", report, text)
     plot(report, args.out_dir / "e2e_cpu.png")
     print(text[text.index("## Targets"):])
     print(f"wrote {args.out_dir}/e2e_cpu.{{json,md,png}} in {report['total_s'] / 60:.1f} min")

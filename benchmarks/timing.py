@@ -136,8 +136,6 @@ def matmul_ceiling(dtype_names: tuple[str, ...] = ("fp32", "bf16"), n: int = 204
     return out
 
 
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -182,6 +180,12 @@ def describe_machine(info: Optional[dict] = None) -> str:
         f"{info['cpu_model']}, {info['cores']} cores{mem}; torch {info['torch']} "
         f"({info['torch_threads']} threads), Python {info['python']}, {info['os']}; {info['date']}"
     )
+
+
+def machine_caption(info: dict) -> str:
+    """A shorter line for a plot's title: CPU, cores, torch and its threads, date."""
+    return (f"{info['cpu_model']}, {info['cores']} cores, torch {info['torch']} "
+            f"({info['torch_threads']} threads); {info['date']}")
 
 
 # --- background load ---------------------------------------------------------------------------

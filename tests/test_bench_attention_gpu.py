@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import attention_gpu_cases as cases
+from benchmarks import attention_gpu_report as report_md
 from benchmarks import bench_attention_gpu as bench
 from tests.kernels.test_xformers import fake_xformers  # noqa: F401  (a fixture)
 
@@ -49,7 +51,7 @@ def test_smoke_writes_every_case_and_method(smoke):
     out, proc = smoke
     report = json.loads((out / "attention_gpu_smoke-cpu.json").read_text())
     args = bench.parse_args(SMOKE_ARGS + ["--out", str(out)])
-    expected = bench.matrix(args.lengths, args.head_dims, args.masks, args.passes, args.tokens, args.model_dim, args.gqa)
+    expected = cases.matrix(args.lengths, args.head_dims, args.masks, args.passes, args.tokens, args.model_dim, args.gqa)
     assert sorted(report["cases"]) == sorted(c.key for c in expected)
     assert report["methods"] == list(bench.METHODS)
     for case in expected:
@@ -87,7 +89,7 @@ def test_smoke_markdown_and_plot(smoke):
     out, proc = smoke
     md = (out / "attention_gpu_smoke-cpu.md").read_text()
     assert "SMOKE RUN on CPU" in md and f"torch {torch.__version__}" in md
-    for label in bench.LABELS.values():
+    for label in report_md.LABELS.values():
         assert f" {label} |" in md
     assert "**FAIL**" not in md and " ✗ |" not in md
     if importlib.util.find_spec("matplotlib") is not None:
@@ -98,7 +100,7 @@ def test_smoke_markdown_and_plot(smoke):
 
 def test_check_flags_a_wrong_result():
     torch.manual_seed(0)
-    case = bench.Case(seq_len=33, head_dim=16, causal=True, pass_name="fwd_bwd", batch=2, heads=4, kv_heads=2)
+    case = cases.Case(seq_len=33, head_dim=16, causal=True, pass_name="fwd_bwd", batch=2, heads=4, kv_heads=2)
     inputs, dout = bench.make_inputs(case, torch.bfloat16, torch.device("cpu"))
     reference = bench.math_outputs(case, inputs, dout, torch.float64)
     baseline = bench.math_outputs(case, inputs, dout, torch.bfloat16)
@@ -119,7 +121,7 @@ def test_without_cuda_it_refuses(tmp_path):
 
 def test_a_fa_dynamo_fallback_is_a_failure_not_a_number():
     """A kernel that hands the call to another kernel must not be reported under its own name."""
-    case = bench.Case(seq_len=32, head_dim=16, causal=True, pass_name="fwd", batch=1, heads=2, kv_heads=2)
+    case = cases.Case(seq_len=32, head_dim=16, causal=True, pass_name="fwd", batch=1, heads=2, kv_heads=2)
     inputs, dout = bench.make_inputs(case, torch.float32, torch.device("cpu"))
     xformers_on_cpu = bench._fa_dynamo("xformers")  # fa_dynamo serves this with its CPU kernel, and says so
     for _ in range(2):  # fa_dynamo says each fallback once per process: the second case must see it too
@@ -128,10 +130,10 @@ def test_a_fa_dynamo_fallback_is_a_failure_not_a_number():
         assert "xformers kernel serves CUDA tensors only" in result["error"]
 
 
-@pytest.mark.parametrize("pass_name", bench.PASSES)
+@pytest.mark.parametrize("pass_name", cases.PASSES)
 def test_xformers_layout_against_a_fake(fake_xformers, pass_name):  # noqa: F811
     """Real xformers has no CPU operator: its BMHK / BMGHK (GQA) call is checked on the documented fake."""
-    case = bench.Case(seq_len=40, head_dim=16, causal=True, pass_name=pass_name, batch=2, heads=6, kv_heads=2)
+    case = cases.Case(seq_len=40, head_dim=16, causal=True, pass_name=pass_name, batch=2, heads=6, kv_heads=2)
     inputs, dout = bench.make_inputs(case, torch.float32, torch.device("cpu"))
     reference = (bench.math_outputs(case, inputs, dout, torch.float64), bench.math_outputs(case, inputs, dout, torch.float32))
     result = bench.measure_method(bench.METHODS["xformers"], case, inputs, dout, bench.cpu_timer, True, reference)

@@ -1,4 +1,4 @@
-"""The end-to-end benchmark (benchmarks/bench_e2e_cpu.py): a smoke run on tiny models, and its budget and targets logic."""
+"""The end-to-end benchmark (benchmarks/bench_e2e_cpu.py, e2e_models.py, e2e_report.py): a smoke run on tiny models, and its budget and targets logic."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks import bench_e2e_cpu as e2e
+from benchmarks import e2e_models, e2e_report
 
 SMOKE_MODELS = ("llama", "bert")  # a decoder (GQA, decode with a cache) and an encoder
 SMOKE_CONFIGS = ("eager", "sdpa", "fa_eager")  # Inductor's C++ compiles would not fit the smoke test's time
@@ -33,7 +34,7 @@ def test_smoke_run_writes_every_case(tmp_path):
 
     assert [f["family"] for f in report["families"]] == list(SMOKE_MODELS)
     for fam in report["families"]:
-        assert [p["length"] for p in fam["prefill"]] == list(e2e.TINY.lengths)
+        assert [p["length"] for p in fam["prefill"]] == list(e2e_models.TINY.lengths)
         for p in fam["prefill"]:
             assert set(p["configs"]) == set(SMOKE_CONFIGS)
             assert all(_measured_or_recorded(c) for c in p["configs"].values()), p
@@ -43,11 +44,11 @@ def test_smoke_run_writes_every_case(tmp_path):
                 assert cell["diff_vs"] == "eager" and cell["outputs_ok"] is True, cell
         first = fam["prefill"][0]["configs"]["fa_eager"]
         assert first["graphs_compiled"] >= 1
-        assert first["fa_sites"]["fused"] == first["fa_sites"]["candidates"] == e2e.TINY.layers
+        assert first["fa_sites"]["fused"] == first["fa_sites"]["candidates"] == e2e_models.TINY.layers
         assert fam["prefill"][1]["configs"]["fa_eager"]["graphs_compiled"] == 0  # dynamic length, no recompile
         assert set(fam["memory"]) == set(SMOKE_CONFIGS)
         for mem in fam["memory"].values():
-            assert set(mem) == {str(n) for n in e2e.TINY.lengths}
+            assert set(mem) == {str(n) for n in e2e_models.TINY.lengths}
             assert all(_measured_or_recorded(c) for c in mem.values()), mem
 
     llama, bert = report["families"]
@@ -57,10 +58,10 @@ def test_smoke_run_writes_every_case(tmp_path):
     for name in ("sdpa", "fa_eager"):
         assert decode[name]["outputs_ok"] is True and decode[name]["same_tokens"] is True
         assert decode[name]["graphs_compiled_timed_run"] == 0
-    assert decode["fa_eager"]["fa_sites"]["fused"] == e2e.TINY.layers
+    assert decode["fa_eager"]["fa_sites"]["fused"] == e2e_models.TINY.layers
 
     assert {(t["family"], t["length"]) for t in report["targets"]} == {
-        (f, n) for f in SMOKE_MODELS for n in e2e.TINY.lengths
+        (f, n) for f in SMOKE_MODELS for n in e2e_models.TINY.lengths
     }
     assert "## Targets" in text and "## Decode" in text and "## Peak memory" in text
 
@@ -94,13 +95,13 @@ def test_targets_say_by_how_much_they_are_missed():
         row["speedup_vs_eager"] = 130.0 / row["median_ms"]
         row["speedup_vs_inductor"] = 100.0 / row["median_ms"]
     report = {"families": [{"family": "llama", "prefill": [{"length": 2048, "configs": configs}]}]}
-    rows = {t["config"]: t for t in e2e.targets(report)}
+    rows = {t["config"]: t for t in e2e_report.targets(report)}
     assert rows["fa_inductor"]["vs_eager_status"] == "met" and rows["fa_inductor"]["vs_inductor_status"] == "met"
     # 1.04× eager against a 1.3× target: 20% short; 0.8× Inductor against 1.0×: 20% short
     assert rows["fa_eager"]["vs_eager_status"] == "missed by 20%"
     assert rows["fa_eager"]["vs_inductor_status"] == "missed by 20%"
     assert rows["fa_inductor"]["compile_s"] == 25.0 and rows["fa_inductor"]["inductor_compile_s"] == 20.0
-    assert e2e.fa_missed(report["families"][0]["prefill"][0]) == "fa_eager"
+    assert e2e_report.fa_missed(report["families"][0]["prefill"][0]) == "fa_eager"
 
 
 def test_bad_arguments_are_refused():
@@ -109,4 +110,4 @@ def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         e2e.parse_args(["--lengths", "1"])
     with pytest.raises(ValueError, match="unknown model family"):
-        e2e.build_model("t5", e2e.TINY, "eager")
+        e2e_models.build_model("t5", e2e_models.TINY, "eager")

@@ -1,4 +1,4 @@
-"""The benchmark entry point (``python -m benchmarks``) and the op-level suite's bookkeeping.
+"""The benchmark entry point (``python -m benchmarks``), the shared helpers and the op-level suite's bookkeeping.
 
 The smoke run checks the suite end to end on two tiny cases: files written, every peer present
 in every case (a time or the recorded reason there is none), outputs close to the reference.
@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from benchmarks import __main__ as entry
-from benchmarks.bench_attention_cpu import DENSE, MASKS, METHODS, NOT_APPLICABLE, Case, plan, targets, visible
+from benchmarks.attention_cpu_cases import DENSE, MASKS, METHODS, Case
+from benchmarks.attention_cpu_methods import NOT_APPLICABLE, failure, visible
+from benchmarks.attention_cpu_report import targets
+from benchmarks.bench_attention_cpu import plan
+from benchmarks.peak_memory import maxrss_mib, reset_peak, rss_mib, run_forked
+from benchmarks.report_writing import missed_by, write_report
 from benchmarks.timing import over_budget, predict_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +56,42 @@ def test_missing_suite_module_says_so_but_broken_imports_raise(monkeypatch, caps
     monkeypatch.setitem(entry.SUITES, "broken", entry.Suite("broken_suite_mod", "x", "y"))
     with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
         entry.main(["broken"])
+
+
+def _peak_of_one_allocation(mib: int) -> dict:
+    """In a forked child: the peak above baseline of touching ``mib`` MiB once, after a reset."""
+    reset = reset_peak()
+    base = rss_mib()
+    block = b"\x01" * (mib * 1024**2)  # one allocation, every page written
+    return {"peak": maxrss_mib() - base, "reset": reset, "size": len(block)}
+
+
+def test_forked_peak_memory_is_the_childs_own():
+    mib = random.Random(11).randint(40, 90)
+    big = b"\x01" * (300 * 1024**2)  # touched pages: the parent's peak must not show up in the child's
+    got = run_forked(_peak_of_one_allocation, mib)
+    del big
+    assert got["size"] == mib * 1024**2
+    assert mib * 0.9 <= got["peak"] <= mib * 1.2 + 10, got
+    assert run_forked(lambda: 1 / 0)["error"].startswith("ZeroDivisionError")
+
+
+def test_failures_are_recorded_by_kind():
+    assert failure(MemoryError("x"))["status"] == "oom"
+    assert failure(RuntimeError("CPU: can't allocate memory\nmore"))["status"] == "oom"
+    assert failure(NotImplementedError("no kernel"))["status"] == "unsupported"
+    err = failure(ValueError("bad shape\nsecond line"))
+    assert err == {"status": "error", "reason": "ValueError: bad shape"}
+
+
+def test_report_files_and_target_wording(tmp_path):
+    measured = random.Random(5).uniform(0.5, 0.99)
+    assert missed_by(measured, 1.0, digits=1) == f"missed by {(1 - measured) * 100:.1f}%"
+    report = {"x": measured, "path": tmp_path}  # not JSON-native: written as its text
+    write_report(tmp_path / "sub" / "r", report, "# md\n")
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"x": measured, "path": str(tmp_path)}
+    assert (tmp_path / "sub" / "r.md").read_text() == "# md\n"
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["r.json", "r.md"]  # no .tmp left
 
 
 @pytest.mark.parametrize("mask", MASKS)

@@ -6,6 +6,9 @@ pieces yet), while the many Python spellings of each (``@``, ``torch.matmul``,
 ``Tensor.matmul``; ``F.softmax``, ``Tensor.softmax``...) collapse to one ATen op. Tracing
 reuses Dynamo's fake tensors and shape environment, so symbolic sizes stay symbolic and
 guards added here reach Dynamo.
+
+Graphs over tensor subclasses (DTensor) cannot be retraced this way; the backend hands them to
+aot_autograd and runs the passes on its forward graph, after ``undo_matmul_decomposition``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 def placeholder_values(gm: fx.GraphModule) -> list:
@@ -35,6 +39,15 @@ def placeholder_values(gm: fx.GraphModule) -> list:
             value = mode.from_tensor(value)
         values.append(value)
     return values
+
+
+def has_tensor_subclass(gm: fx.GraphModule) -> bool:
+    """Whether any value in ``gm`` is a tensor subclass (DTensor): the retrace below rejects those."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor) and is_traceable_wrapper_subclass(value):
+            return True
+    return False
 
 
 def to_pre_dispatch_aten(gm: fx.GraphModule) -> fx.GraphModule:
@@ -72,3 +85,93 @@ def _reuse_item_symbols(gm: fx.GraphModule, args: list) -> None:
         symbol = node.meta.get("example_value")
         if isinstance(fake, torch.Tensor) and getattr(fake, "item_memo", None) is None and symbol is not None:
             fake.item_memo = symbol
+
+
+def undo_matmul_decomposition(gm: fx.GraphModule) -> int:
+    """Turn aot_autograd's spellings of ``matmul`` and ``linear`` back into one node; returns how many.
+
+    Graphs traced below autograd (the forward aot_autograd hands a compiler: DTensor models,
+    see ``fa_dynamo.backend``) spell ``a @ b`` of batched operands and ``F.linear(x, w)`` of
+    N-D ``x`` as::
+
+        bmm(view(clone(expand(a, [*batch, m, k])), [B, m, k]), view(...(b)...)) → view [*batch, m, n]
+        _unsafe_view(mm(view(x, [M, k]), t(w)), [*lead, n])
+
+    (``clone`` only where ``a`` is not contiguous). The passes match ``matmul`` and ``linear``;
+    ``matmul(a, b)`` broadcasts the batch dims exactly as the ``expand`` did, so neither rewrite
+    changes a value.
+    """
+    count = 0
+    for out in list(gm.graph.nodes):
+        if out.op != "call_function" or out.target not in (aten.view.default, aten._unsafe_view.default):
+            continue
+        product = out.args[0]
+        if not (isinstance(product, fx.Node) and len(product.users) == 1):
+            continue
+        if product.target is aten.bmm.default:
+            found = _undo_bmm(out, product)
+        elif product.target is aten.mm.default:
+            found = _undo_mm(out, product)
+        else:
+            continue
+        if found is None:
+            continue
+        target, args, decomposition = found
+        with gm.graph.inserting_before(out):
+            node = gm.graph.call_function(target, args)
+        node.meta.update(out.meta)
+        out.replace_all_uses_with(node)
+        for old in [out, product, *decomposition]:  # users before what they use
+            if not old.users:
+                gm.graph.erase_node(old)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+aten = torch.ops.aten
+
+
+def _shape(node) -> list:
+    return list(node.meta["val"].shape)
+
+
+def _undo_bmm(out: fx.Node, bmm: fx.Node):
+    operands = [_expanded_operand(arg) for arg in bmm.args[:2]]
+    if None in operands or operands[0][1] != operands[1][1] or _shape(out)[:-2] != operands[0][1]:
+        return None
+    return aten.matmul.default, (operands[0][0], operands[1][0]), operands[0][2] + operands[1][2]
+
+
+def _expanded_operand(node):
+    """``(a, batch, [view, clone?, expand])`` for ``view(clone?(expand(a, [*batch, m, k])), [B, m, k])``, else None."""
+    if not (isinstance(node, fx.Node) and node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+            and len(node.users) == 1):
+        return None
+    chain = [node]
+    node = node.args[0]
+    if isinstance(node, fx.Node) and node.target is aten.clone.default and len(node.users) == 1:
+        chain.append(node)
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.target is aten.expand.default and len(node.users) == 1):
+        return None
+    chain.append(node)
+    a, sizes = node.args[0], _shape(node)
+    if not isinstance(a, fx.Node) or _shape(a)[-2:] != sizes[-2:]:
+        return None
+    return a, sizes[:-2], chain
+
+
+def _undo_mm(out: fx.Node, mm: fx.Node):
+    """``linear(x, w)`` for ``_unsafe_view(mm(view(x, [M, k]), t(w)), [*x.shape[:-1], n])``, else None."""
+    rows, wt = mm.args
+    if not all(isinstance(n, fx.Node) and len(n.users) == 1 for n in (rows, wt)):
+        return None
+    if rows.target not in (aten.view.default, aten._unsafe_view.default, aten.reshape.default) or wt.target is not aten.t.default:
+        return None
+    x = rows.args[0]
+    if not isinstance(x, fx.Node) or len(_shape(x)) < 3 or _shape(out) != _shape(x)[:-1] + _shape(mm)[-1:]:
+        return None
+    return aten.linear.default, (x, wt.args[0]), [rows, wt]

@@ -13,6 +13,7 @@ import torch
 
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention, rows_of
+from fa_dynamo.kernels.segments import Segments
 
 
 def attention_backward(
@@ -29,6 +30,7 @@ def attention_backward(
     band: Band,
     block_q: int,
     needs_bias_grad: bool,
+    segments: Optional[Segments] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(dq, dk, dv, dbias)``; ``dbias`` has ``bias``'s shape, or is None when not needed."""
     num_q = q.shape[2]
@@ -48,6 +50,7 @@ def attention_backward(
             out_t, _ = reference_attention(
                 q_t, k_leaf, v_leaf, bias_t, rows_of(mask, idx),
                 scale=scale, softcap=softcap, fill=fill, band=band, q_idx=idx,
+                segments=None if segments is None else segments.rows(idx),
             )
             inputs = (q_t, k_leaf, v_leaf) + ((bias_t,) if needs_bias_grad else ())
             grads = torch.autograd.grad(out_t, inputs, grad_out[:, :, q0 : q1])

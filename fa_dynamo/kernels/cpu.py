@@ -1,9 +1,10 @@
 """The CPU kernel: tiled online softmax with a tiling-mask.
 
 Two-level tiling. The outer tile is a block of ``block_q`` query rows; for it the band gives the
-range of keys any row can see, cut into inner tiles of ``block_k`` keys, each classified as
-empty (skipped, never touched), full (no mask at all) or partial (a ``block_q × block_k`` mask
-built from indices). Consecutive full tiles run as one segment; each segment is handed to the
+range of keys any row can see, cut into inner tiles of ``block_k`` keys, each classified by the
+band and the segment ids (``segments.py``) as empty (skipped, never touched), full (no mask at
+all) or partial (a ``block_q × block_k`` mask built from indices and ids). Consecutive full
+tiles run as one segment (a run of keys, not a packed sequence); each segment is handed to the
 fastest dense primitive, ATen's CPU flash kernel, which returns its log-sum-exp, and the
 segments of an outer tile are merged exactly through their log-sum-exps (online softmax at
 segment granularity). GQA maps query head ``h`` to key/value head ``h // G`` inside ATen's
@@ -24,6 +25,7 @@ import torch
 
 from fa_dynamo.kernels.mask import Band, TileKind
 from fa_dynamo.kernels.reference import masked_scores, reference_attention, rows_of
+from fa_dynamo.kernels.segments import Segments, SegmentTiles, combine
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -62,13 +64,14 @@ def _merge(
 class _Problem:
     """One call's inputs and the segment primitives over them."""
 
-    def __init__(self, q, k, v, bias, mask, scale, softcap, band):
+    def __init__(self, q, k, v, bias, mask, scale, softcap, band, segments: Optional[Segments]):
         self.q, self.k, self.v = q, k, v
         self.bias, self.mask = bias, mask
-        self.scale, self.softcap, self.band = scale, softcap, band
+        self.scale, self.softcap, self.band, self.segments = scale, softcap, band, segments
 
-    def additive_tile(self, q0: int, q1: int, k0: int, k1: int, with_band: bool) -> Optional[torch.Tensor]:
-        """The float mask of the tile (dense bias + dense mask + band), or None if none applies."""
+    def additive_tile(self, q0: int, q1: int, k0: int, k1: int, with_band: bool, with_segments: bool
+                      ) -> Optional[torch.Tensor]:
+        """The float mask of the tile (dense bias + dense mask + band + segments), or None."""
         tile = None
         if self.bias is not None:
             tile = _slice_keys(_slice_rows(self.bias, q0, q1), k0, k1).to(self.q.dtype)
@@ -76,12 +79,15 @@ class _Problem:
         if with_band:
             band_hidden = self.band.hidden(torch.arange(q0, q1), torch.arange(k0, k1))
             hidden = band_hidden if hidden is None else hidden | band_hidden
+        if with_segments:
+            segment_hidden = self.segments.tile(q0, q1, k0, k1).hidden()
+            hidden = segment_hidden if hidden is None else hidden | segment_hidden
         if hidden is not None:
             hidden_add = torch.zeros(hidden.shape, dtype=self.q.dtype).masked_fill_(hidden, float("-inf"))
             tile = hidden_add if tile is None else tile + hidden_add
         return tile
 
-    def segment(self, q0: int, q1: int, k0: int, k1: int, with_band: bool):
+    def segment(self, q0: int, q1: int, k0: int, k1: int, with_band: bool, with_segments: bool):
         """Attention of rows ``[q0, q1)`` over keys ``[k0, k1)``: ``(out, lse)`` in the compute dtype.
 
         Rows with no visible key in the segment get ``lse = -inf`` and contribute nothing.
@@ -89,21 +95,22 @@ class _Problem:
         q_t = self.q[:, :, q0:q1]
         k_s, v_s = self.k[:, :, k0:k1], self.v[:, :, k0:k1]
         if not _aten_serves(self.q, self.v, self.softcap):
-            return self._gemm_segment(q_t, k_s, v_s, q0, q1, k0, k1, with_band)
-        tile = self.additive_tile(q0, q1, k0, k1, with_band)
+            return self._gemm_segment(q_t, k_s, v_s, q0, q1, k0, k1, with_band, with_segments)
+        tile = self.additive_tile(q0, q1, k0, k1, with_band, with_segments)
         out, lse = _flash_cpu(q_t, k_s, v_s, 0.0, False, attn_mask=tile, scale=self.scale)
         if tile is not None:
             dead = torch.isneginf(tile).all(-1).expand(lse.shape)
             lse = lse.masked_fill(dead, float("-inf"))
         return out.float(), lse.float()
 
-    def _gemm_segment(self, q_t, k_s, v_s, q0, q1, k0, k1, with_band):
+    def _gemm_segment(self, q_t, k_s, v_s, q0, q1, k0, k1, with_band, with_segments):
         s = masked_scores(
             q_t, k_s, torch.arange(q0, q1), k0,
             scale=self.scale, softcap=self.softcap,
             bias=_slice_keys(_slice_rows(self.bias, q0, q1), k0, k1),
             mask=_slice_keys(_slice_rows(self.mask, q0, q1), k0, k1),
             fill=float("-inf"), band=self.band if with_band else Band(),
+            segments=self.segments.tile(q0, q1, k0, k1) if with_segments else None,
         )
         m = s.amax(dim=-1, keepdim=True)
         p = torch.exp(s - torch.where(torch.isneginf(m), 0.0, m))
@@ -118,20 +125,23 @@ def _aten_serves(q: torch.Tensor, v: torch.Tensor, softcap: float) -> bool:
     return softcap == 0 and q.dtype != torch.float64 and q.shape[-1] == v.shape[-1]
 
 
-def _segments(band: Band, q0: int, q1: int, num_keys: int, block_k: int):
-    """``(k0, k1, partial)`` runs covering the visible keys of rows ``[q0, q1)``."""
+def _runs(band: Band, segment_tiles: Optional[SegmentTiles], q0: int, q1: int, num_keys: int, block_k: int):
+    """``(k0, k1, band_partial, segments_partial)`` runs covering the visible keys of rows
+    ``[q0, q1)``: empty tiles dropped, consecutive full tiles joined."""
     k_lo, k_hi = band.key_range(q0, q1, num_keys)
     runs: list[list] = []
     for t0 in range(k_lo, k_hi, block_k):
         t1 = min(t0 + block_k, k_hi)
-        kind = band.classify(q0, q1, t0, t1)
+        band_kind = band.classify(q0, q1, t0, t1)
+        seg_kind = TileKind.FULL if segment_tiles is None else segment_tiles.classify(q0, q1, t0, t1)
+        kind = combine(band_kind, seg_kind)
         if kind is TileKind.EMPTY:
             continue
-        partial = kind is TileKind.PARTIAL
-        if runs and not partial and not runs[-1][2] and runs[-1][1] == t0:
+        flags = [band_kind is TileKind.PARTIAL, seg_kind is TileKind.PARTIAL]
+        if runs and kind is TileKind.FULL and not any(runs[-1][2:]) and runs[-1][1] == t0:
             runs[-1][1] = t1
         else:
-            runs.append([t0, t1, partial])
+            runs.append([t0, t1, *flags])
     return runs
 
 
@@ -148,48 +158,54 @@ def attention_cpu(
     band: Band,
     block_q: int,
     block_k: int,
+    segments: Optional[Segments] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference_attention``; memory O(block_q × block_k) beyond the inputs."""
     batch, heads, num_q, _ = q.shape
     num_k = k.shape[2]
     if num_q == 0 or num_k == 0:
-        return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band)
+        return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band,
+                                   segments=segments)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    unmasked = bias is None and mask is None and segments is None
 
     # Whole-call fast path: ATen's kernel is top-left causal or unmasked, no row is empty; a
     # finite fill for the hidden keys is checked row by row like everywhere else.
-    if _aten_serves(q, v, softcap) and bias is None and mask is None and band.min_offset is None and band.max_offset in (None, 0):
+    if _aten_serves(q, v, softcap) and unmasked and band.min_offset is None and band.max_offset in (None, 0):
         out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, scale=scale)
         _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
         return out, lse
 
-    problem = _Problem(q, k, v, bias, mask, scale, softcap, band)
+    problem = _Problem(q, k, v, bias, mask, scale, softcap, band, segments)
+    segment_tiles = None if segments is None else SegmentTiles(segments)
     out = q.new_empty(batch, heads, num_q, v.shape[-1])
     lse = torch.empty(batch, heads, num_q, dtype=torch.float32)
     for q0 in range(0, num_q, block_q):
         q1 = min(q0 + block_q, num_q)
         acc, acc_lse = None, None
-        for k0, k1, partial in _segments(band, q0, q1, num_k, block_k):
-            acc, acc_lse = _merge(acc, acc_lse, *problem.segment(q0, q1, k0, k1, partial))
+        for k0, k1, band_partial, segments_partial in _runs(band, segment_tiles, q0, q1, num_k, block_k):
+            segment_out = problem.segment(q0, q1, k0, k1, band_partial, segments_partial)
+            acc, acc_lse = _merge(acc, acc_lse, *segment_out)
         if acc is None:
             lse[:, :, q0:q1] = float("-inf")
             continue
         out[:, :, q0:q1] = acc
         lse[:, :, q0:q1] = acc_lse.float()
 
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
+    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments)
     return out, lse
 
 
 def unserved_rows(
-    lse: torch.Tensor, fill: float, mask: Optional[torch.Tensor], band: Band, num_keys: int
+    lse: torch.Tensor, fill: float, mask: Optional[torch.Tensor], band: Band, num_keys: int,
+    segments: Optional[Segments] = None,
 ) -> torch.Tensor:
     """Bool ``[B, H, Sq]``: rows a fast kernel (masked scores dropped, ``lse`` from what it saw)
     cannot serve exactly — no visible key, a finite fill value that is not negligible, or an
     lse so negative (a finfo.min bias hiding the whole row) that float32 lost log(n) next to it
     and merging partial results by it would be wrong."""
     unserved = torch.isneginf(lse) | (lse < _HUGE_NEGATIVE)
-    if math.isfinite(fill) and (mask is not None or not band.is_unbounded):
+    if math.isfinite(fill) and (mask is not None or segments is not None or not band.is_unbounded):
         unserved |= fill > lse + (_NEGLIGIBLE_LOG - math.log(num_keys))
     return unserved
 
@@ -204,21 +220,23 @@ def _nan_rows(q, k, v, bias) -> torch.Tensor:
     return rows
 
 
-def _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q) -> None:
+def _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q,
+                             segments: Optional[Segments] = None) -> None:
     """Overwrite, with the reference, rows whose masked scores are not negligible (in place)."""
-    unserved = unserved_rows(lse, fill, mask, band, k.shape[2]) | _nan_rows(q, k, v, bias)
+    unserved = unserved_rows(lse, fill, mask, band, k.shape[2], segments) | _nan_rows(q, k, v, bias)
     rows = unserved.any(dim=0).any(dim=0).nonzero().flatten()
     for start in range(0, rows.numel(), block_q):
         idx = rows[start : start + block_q]
         r_out, r_lse = reference_attention(
             q.index_select(2, idx), k, v, rows_of(bias, idx), rows_of(mask, idx),
             scale=scale, softcap=softcap, fill=fill, band=band, q_idx=idx,
+            segments=None if segments is None else segments.rows(idx),
         )
         out.index_copy_(2, idx, r_out)
         lse.index_copy_(2, idx, r_lse)
 
 
-def attention_sdpa(q, k, v, bias, mask, *, scale, softcap, fill, band, block_q, block_k):
+def attention_sdpa(q, k, v, bias, mask, *, scale, softcap, fill, band, block_q, block_k, segments=None):
     """The peer strategy: one ATen flash call with the whole Sq×Sk mask materialized.
 
     Kept as a selectable kernel (``FA_DYNAMO_KERNEL=sdpa``) to measure what tiling buys; it
@@ -227,11 +245,12 @@ def attention_sdpa(q, k, v, bias, mask, *, scale, softcap, fill, band, block_q, 
     num_q, num_k = q.shape[2], k.shape[2]
     if not _aten_serves(q, v, softcap) or num_q == 0 or num_k == 0:
         return attention_cpu(
-            q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k
+            q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k,
+            segments=segments,
         )
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    problem = _Problem(q, k, v, bias, mask, scale, softcap, band)
-    out, lse = problem.segment(0, num_q, 0, num_k, with_band=not band.is_unbounded)
+    problem = _Problem(q, k, v, bias, mask, scale, softcap, band, segments)
+    out, lse = problem.segment(0, num_q, 0, num_k, with_band=not band.is_unbounded, with_segments=segments is not None)
     out = out.to(q.dtype)
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
+    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments)
     return out, lse

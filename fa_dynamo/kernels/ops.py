@@ -18,6 +18,7 @@ from fa_dynamo.kernels.backward import attention_backward
 from fa_dynamo.kernels.cpu import attention_cpu, attention_sdpa
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention
+from fa_dynamo.kernels.segments import Segments
 
 log = logging.getLogger("fa_dynamo")
 
@@ -39,6 +40,8 @@ def attention(
     kernel: str = "auto",
     block_q: int = 256,
     block_k: int = 512,
+    q_segments: Optional[torch.Tensor] = None,
+    k_segments: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention as eager PyTorch computes it, without the Sq×Sk intermediates.
 
@@ -57,6 +60,10 @@ def attention(
             ``min_offset <= j - i <= max_offset``; None leaves that side open.
         kernel: one of ``auto, cpu, triton, npu, sdpa, reference``.
         block_q, block_k: outer (query) and inner (key) tile sizes.
+        q_segments, k_segments: integer sequence ids ``[B, Sq]`` and ``[B, Sk]`` (both or
+            neither): key ``j`` is visible to query ``i`` of batch ``b`` only if
+            ``q_segments[b, i] == k_segments[b, j]`` (packed sequences, chunked attention).
+            Ids that never decrease along the sequence let kernels skip whole tiles.
 
     Returns:
         ``[B, Hq, Sq, Dv]`` in ``q``'s dtype. A row whose scores are all ``-inf`` is NaN, as in
@@ -66,7 +73,8 @@ def attention(
     bias = None if bias is None else _as_4d(bias, "bias")
     mask = None if mask is None else _as_4d(mask, "mask")
     out, _ = torch.ops.fa_dynamo.attention(
-        q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k
+        q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
+        q_segments=q_segments, k_segments=k_segments,
     )
     return out
 
@@ -77,7 +85,8 @@ def _as_4d(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
-def check_inputs(q, k, v, bias, mask, kernel: str, block_q: int, block_k: int) -> None:
+def check_inputs(q, k, v, bias, mask, kernel: str, block_q: int, block_k: int,
+                 q_segments=None, k_segments=None) -> None:
     """Raise a ValueError describing the first problem with the op's inputs."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -112,6 +121,22 @@ def check_inputs(q, k, v, bias, mask, kernel: str, block_q: int, block_k: int) -
         raise ValueError(f"kernel {kernel!r} is not valid; expected one of {', '.join(KERNELS)}")
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be >= 1, got {block_q}, {block_k}")
+    _check_segments(q, k, q_segments, k_segments)
+
+
+def _check_segments(q, k, q_segments, k_segments) -> None:
+    if (q_segments is None) != (k_segments is None):
+        raise ValueError("q_segments and k_segments go together: pass both ([B, Sq] and [B, Sk]) or neither")
+    if q_segments is None:
+        return
+    for name, t, length in (("q_segments", q_segments, q.shape[2]), ("k_segments", k_segments, k.shape[2])):
+        if t.dim() != 2 or t.shape[0] != q.shape[0] or t.shape[1] != length:
+            raise ValueError(f"{name} must have shape [B, {'Sq' if name[0] == 'q' else 'Sk'}] = "
+                             f"[{q.shape[0]}, {length}], got {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer sequence ids, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
 @torch.library.custom_op("fa_dynamo::attention", mutates_args=())
@@ -129,46 +154,51 @@ def _attention_op(
     kernel: str,
     block_q: int,
     block_k: int,
+    q_segments: Optional[torch.Tensor] = None,
+    k_segments: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k)
+    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments)
     out, lse = _run_kernel(
         kernel, q, k, v, bias, mask,
         scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset),
-        block_q=block_q, block_k=block_k,
+        block_q=block_q, block_k=block_k, segments=Segments.of(q_segments, k_segments),
     )
     return out.contiguous(), lse.contiguous()  # the layout the fake implementation promises
 
 
 @_attention_op.register_fake
-def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k):
-    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k)
+def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
+      q_segments=None, k_segments=None):
+    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments)
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
     return out, lse
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k = inputs
-    ctx.save_for_backward(q, k, v, bias, mask, *output)  # out and lse: the FA2 backward needs them
+    (q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
+     q_segments, k_segments) = inputs
+    ctx.save_for_backward(q, k, v, bias, mask, q_segments, k_segments, *output)  # out, lse: for the FA2 backward
     ctx.params = dict(scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset), block_q=block_q)
     ctx.kernel, ctx.block_k = kernel, block_k
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+    q, k, v, bias, mask, q_segments, k_segments, out, lse = ctx.saved_tensors
     needs_bias_grad = bias is not None and ctx.needs_input_grad[3]
+    segments = Segments.of(q_segments, k_segments)
     triton_backward = _triton_entry("attention_triton_backward") if _wants_triton(ctx.kernel, q) else None
     if triton_backward is not None:
         dq, dk, dv, dbias = triton_backward(
             grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad, block_k=ctx.block_k, out=out, lse=lse,
-            **ctx.params,
+            segments=segments, **ctx.params,
         )
     else:
         dq, dk, dv, dbias = attention_backward(
-            grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad, **ctx.params
+            grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad, segments=segments, **ctx.params
         )
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv, dbias) + (None,) * 11  # mask, scalars and segment ids have no gradient
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -227,7 +257,8 @@ def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, t
         _say_once(f"fa_dynamo: the {kernel} kernel serves CPU tensors only; using the reference kernel on {q.device.type}")
         kernel = "reference"
     if kernel == "reference":
-        return reference_attention(q, k, v, bias, mask, **{n: kw[n] for n in ("scale", "softcap", "fill", "band")})
+        reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments")}
+        return reference_attention(q, k, v, bias, mask, **reference_kw)
     if kernel == "sdpa":
         return attention_sdpa(q, k, v, bias, mask, **kw)
     return attention_cpu(q, k, v, bias, mask, **kw)

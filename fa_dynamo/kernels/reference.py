@@ -9,7 +9,7 @@ For query row ``i`` and key ``j`` of head ``h`` (key/value head ``h // (Hq // Hk
     s = (q[i] · k[j]) * scale
     s = softcap * tanh(s / softcap)          if softcap > 0
     s = s + bias[i, j]                       if bias is given (broadcast to [B, Hq, Sq, Sk])
-    s = fill   where mask[i, j] or band hides (i, j)      (replace, as masked_fill does)
+    s = fill   where mask[i, j], the band or the segments hide (i, j)   (replace, as masked_fill does)
     out[i] = softmax_j(s) · v
 
 computed in float32 (float64 for float64 inputs), so a row whose scores are all ``-inf`` gives
@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.segments import Segments
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,12 +56,13 @@ def masked_scores(
     mask: Optional[torch.Tensor],
     fill: float,
     band: Band,
+    segments: Optional[Segments] = None,
 ) -> torch.Tensor:
     """Scores ``[B, Hkv, G, len(q_idx), Sk]`` in the compute dtype, masked as documented above.
 
     ``q`` holds the rows ``q_idx`` of the full query (``[B, Hq, len(q_idx), D]``) and ``k`` the
-    keys ``k_start, k_start + 1, ...``; ``bias`` and ``mask`` are already restricted to those
-    rows and keys.
+    keys ``k_start, k_start + 1, ...``; ``bias``, ``mask`` and ``segments`` are already
+    restricted to those rows and keys.
     """
     num_kv_heads = k.shape[1]
     ct = compute_dtype(q.dtype)
@@ -76,6 +78,9 @@ def masked_scores(
     if not band.is_unbounded:
         band_hidden = band.hidden(q_idx, torch.arange(k_start, k_start + k.shape[2], device=q.device))
         hidden = band_hidden if hidden is None else hidden | band_hidden
+    if segments is not None:
+        segment_hidden = group_heads(segments.hidden(), num_kv_heads)
+        hidden = segment_hidden if hidden is None else hidden | segment_hidden
     if hidden is not None:
         s = s.masked_fill(hidden, fill)
     return s
@@ -92,15 +97,18 @@ def reference_attention(
     softcap: float,
     fill: float,
     band: Band,
+    segments: Optional[Segments] = None,
     q_idx: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32)``.
 
-    With ``q_idx``, ``q``, ``bias`` and ``mask`` hold only those query rows (see ``rows_of``).
+    With ``q_idx``, ``q``, ``bias``, ``mask`` and ``segments`` hold only those query rows (see
+    ``rows_of`` and ``Segments.rows``).
     """
     if q_idx is None:
         q_idx = torch.arange(q.shape[2], device=q.device)
-    s = masked_scores(q, k, q_idx, scale=scale, softcap=softcap, bias=bias, mask=mask, fill=fill, band=band)
+    s = masked_scores(q, k, q_idx, scale=scale, softcap=softcap, bias=bias, mask=mask, fill=fill, band=band,
+                      segments=segments)
     p = torch.softmax(s, dim=-1)
     out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
     lse = torch.logsumexp(s, dim=-1)

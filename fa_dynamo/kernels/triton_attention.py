@@ -6,7 +6,8 @@ online softmax (``_attn_fwd_inner`` returns ``(acc, l_i, m_i)``) and the epilogu
 output and the log-sum-exp. The tiling-mask comes from the band ``lo <= j - i <= hi``:
 ``_tile_ranges`` turns it into loop bounds, so empty tiles are never visited, full tiles run with
 no mask evaluation at all, and only the partial tiles on the band's edges build a mask from
-indices. A dense bias or boolean mask is read tile by tile (never copied or expanded). GQA maps
+indices. A dense bias or boolean mask is read tile by tile (never copied or expanded); segment
+ids (packed sequences, chunked attention) are loaded per tile and compared. GQA maps
 query head ``h`` to key/value head ``h // G``. Head dims are padded to the next power of two with
 masked loads; q·kᵀ and p·v accumulate in float32.
 
@@ -47,6 +48,7 @@ from fa_dynamo.kernels import triton_configs as tc
 from fa_dynamo.kernels.cpu import _recompute_unserved_rows, attention_cpu
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention
+from fa_dynamo.kernels.segments import Segments
 
 log = logging.getLogger("fa_dynamo")
 
@@ -133,16 +135,17 @@ def _band_keep(rows, cols, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
-    k_ptrs, v_ptrs, bias_ptrs, mask_ptrs,
-    stride_kn, stride_vn, stride_bias_n, stride_mask_n,
+    k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
+    stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
     offs_m, offs_n, row_ok, d_ok, dv_ok,
     start, end, num_k, lo, hi, scale, softcap,
     PARTIAL: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Online softmax over key tiles ``[start, end)``; ``PARTIAL`` tiles evaluate the mask."""
+    """Online softmax over key tiles ``[start, end)``; ``PARTIAL`` tiles evaluate the band."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < num_k
@@ -160,6 +163,9 @@ def _attn_fwd_inner(
         if HAS_MASK:
             hidden = tl.load(mask_ptrs + start_n * stride_mask_n, mask=tile_ok, other=1) != 0
             s = tl.where(hidden, float("-inf"), s)
+        if HAS_SEG:
+            k_ids = tl.load(kseg_ptrs + start_n * stride_kseg_n, mask=col_ok, other=0)
+            s = tl.where(q_ids[:, None] == k_ids[None, :], s, float("-inf"))
         if PARTIAL:
             keep = col_ok[None, :] & _band_keep(offs_m, cols, lo, hi, HAS_LO, HAS_HI)
             s = tl.where(keep, s, float("-inf"))
@@ -180,17 +186,19 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Bias, Mask, Out, Lse,
+    Q, K, V, Bias, Mask, QSeg, KSeg, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n,
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, group, num_q, num_k, lo, hi, scale, softcap,
     Q_CLASS, K_CLASS,  # autotuning keys (sequence-length buckets), unused by the kernel
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -216,6 +224,10 @@ def _attn_fwd(
     bias_ptrs = bias_ptrs + offs_m[:, None].to(tl.int64) * stride_bias_m + offs_n[None, :] * stride_bias_n
     mask_ptrs = Mask + off_b * stride_mask_b + off_h * stride_mask_h
     mask_ptrs = mask_ptrs + offs_m[:, None].to(tl.int64) * stride_mask_m + offs_n[None, :] * stride_mask_n
+    kseg_ptrs = KSeg + off_b * stride_kseg_b + offs_n * stride_kseg_n
+    q_ids = offs_m
+    if HAS_SEG:
+        q_ids = tl.load(QSeg + off_b * stride_qseg_b + offs_m * stride_qseg_m, mask=row_ok, other=0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -225,21 +237,22 @@ def _attn_fwd(
     row_last = tl.minimum(row0 + BLOCK_M, num_q) - 1
     start, full_start, full_end, end = _tile_ranges(row0, row_last, num_k, lo, hi, HAS_LO, HAS_HI, BLOCK_N)
     for_tiles = (
-        k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, stride_kn, stride_vn, stride_bias_n, stride_mask_n,
+        k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
+        stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
         offs_m, offs_n, row_ok, d_ok, dv_ok,
     )
-    # partial tiles left of the band's full region, full tiles (no mask), partial tiles right of it
+    # partial tiles left of the band's full region, full tiles (no band mask), partial tiles right of it
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, *for_tiles, start, full_start, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, *for_tiles, full_start, full_end, num_k, lo, hi, scale, softcap,
-        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, *for_tiles, full_end, end, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
 
     # epilogue: rows that saw no key get lse = -inf (the caller recomputes them)
@@ -287,7 +300,8 @@ def _fallback(q, k, v, bias, mask, reason, **kw):
     _say_once(f"fa_dynamo: {reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
     if on_cpu:
         return attention_cpu(q, k, v, bias, mask, **kw)
-    return reference_attention(q, k, v, bias, mask, **{n: kw[n] for n in ("scale", "softcap", "fill", "band")})
+    reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments")}
+    return reference_attention(q, k, v, bias, mask, **reference_kw)
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -309,7 +323,14 @@ def _dense_args(t: Optional[torch.Tensor], shape, like: torch.Tensor):
     return t, t.stride()
 
 
-def _constexprs(q, v, bias, mask, softcap: float, band: Band) -> dict:
+def _segment_args(segments: Optional[Segments], like: torch.Tensor):
+    """``(q_ids, k_ids, their four strides)``; dummies when absent."""
+    if segments is None:
+        return like, like, (0, 0, 0, 0)
+    return segments.q, segments.k, (*segments.q.stride(), *segments.k.stride())
+
+
+def _constexprs(q, v, bias, mask, softcap: float, band: Band, segments: Optional[Segments]) -> dict:
     precision = None  # half types: the backend's default
     if q.dtype == torch.float32 or INTERPRETED:  # fp32: as exact as torch's matmul unless TF32 is allowed
         tf32 = q.device.type == "cuda" and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32
@@ -317,13 +338,14 @@ def _constexprs(q, v, bias, mask, softcap: float, band: Band) -> dict:
     return dict(
         HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_pow2(q.shape[-1]), BLOCK_DV=_pow2(v.shape[-1]),
         HAS_LO=band.min_offset is not None, HAS_HI=band.max_offset is not None,
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SOFTCAP=softcap > 0,
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_SEG=segments is not None, SOFTCAP=softcap > 0,
         LIBDEVICE=not INTERPRETED, DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         PRECISION=precision,
     )
 
 
-_AUTOTUNE_KEY = ["Q_CLASS", "K_CLASS", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "HAS_BIAS", "HAS_MASK", "SOFTCAP"]
+_AUTOTUNE_KEY = ["Q_CLASS", "K_CLASS", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "HAS_BIAS", "HAS_MASK", "HAS_SEG",
+                 "SOFTCAP"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -353,7 +375,7 @@ def _launch(kernel, grid_of, args: tuple, consts: dict, q, block_q: int, block_k
         tuned[grid_of](*args, **consts)
 
 
-def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k):
+def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k, segments=None):
     """The kernel's own result: ``(out, lse)``; rows with no visible key have ``lse = -inf``."""
     batch, heads, num_q, _ = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
@@ -362,14 +384,16 @@ def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k):
     lse = torch.empty(batch, heads, num_q, dtype=torch.float32, device=q.device)
     bias_t, bias_s = _dense_args(bias, full, q)
     mask_t, mask_s = _dense_args(mask, full, q)
+    q_ids, k_ids, seg_s = _segment_args(segments, q)
     args = (
-        q, k, v, bias_t, mask_t, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *out.stride(),
+        q, k, v, bias_t, mask_t, q_ids, k_ids, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *seg_s, *out.stride(),
         heads, heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, scale, softcap,
         _seq_class(num_q), _seq_class(num_k),
     )
     grid = lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _launch(_attn_fwd, grid, args, _constexprs(q, v, bias, mask, softcap, band), q, block_q, block_k, bias, mask)
+    consts = _constexprs(q, v, bias, mask, softcap, band, segments)
+    _launch(_attn_fwd, grid, args, consts, q, block_q, block_k, bias, mask)
     return out, lse
 
 
@@ -386,6 +410,7 @@ def attention_triton(
     band: Band,
     block_q: int,
     block_k: int,
+    segments: Optional[Segments] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``attention_cpu``: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] fp32)``.
 
@@ -395,16 +420,17 @@ def attention_triton(
     (float64, head dims over 256, CPU tensors without ``TRITON_INTERPRET=1``, pre-Volta GPUs,
     bfloat16 before sm80) go to the CPU / reference kernel, said once in the log.
     """
-    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k)
+    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k, segments=segments)
     reason = unsupported_reason(q, v)
     if reason is not None:
         return _fallback(q, k, v, bias, mask, reason, **kw)
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
-        return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band)
+        return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band,
+                                   segments=segments)
     try:
         out, lse = _forward(q, k, v, bias, mask, scale=scale, softcap=softcap, band=band, block_q=block_q,
-                            block_k=block_k)
+                            block_k=block_k, segments=segments)
     except _RESOURCE_ERRORS as e:  # every tile config was too big for this GPU (e.g. fp32, D=256, sm75)
         return _fallback(q, k, v, bias, mask, f"no triton tile config fits this GPU ({type(e).__name__})", **kw)
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
+    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments)
     return out, lse

@@ -25,6 +25,7 @@ from fa_dynamo.kernels.backward import attention_backward
 from fa_dynamo.kernels.cpu import unserved_rows
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import group_heads, masked_scores, rows_of
+from fa_dynamo.kernels.segments import Segments
 from fa_dynamo.kernels.triton_attention import (
     _RESOURCE_ERRORS,
     LOG2E,
@@ -34,6 +35,7 @@ from fa_dynamo.kernels.triton_attention import (
     _dot,
     _launch,
     _say_once,
+    _segment_args,
     _seq_class,
     _tanh,
     _tile_ranges,
@@ -45,12 +47,13 @@ from fa_dynamo.kernels.triton_attention import (
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs,
-    stride_qm, stride_dom, stride_bias_m, stride_mask_m,
+    q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs, qseg_ptrs, k_ids,
+    stride_qm, stride_dom, stride_bias_m, stride_mask_m, stride_qseg_m,
     offs_n, offs_m, key_ok, d_ok, dv_ok,
     start, end, num_q, lo, hi, scale, softcap,
     PARTIAL: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -76,6 +79,9 @@ def _attn_bwd_dkdv_inner(
         if HAS_MASK:
             hidden = tl.load(mask_ptrs + rows_q[None, :].to(tl.int64) * stride_mask_m, mask=tile_ok, other=1) != 0
             s_t = tl.where(hidden, float("-inf"), s_t)
+        if HAS_SEG:
+            q_ids = tl.load(qseg_ptrs + start_m * stride_qseg_m, mask=q_ok, other=0)
+            s_t = tl.where(k_ids[:, None] == q_ids[None, :], s_t, float("-inf"))
         if PARTIAL:
             # keys are the rows here: lo <= j - i <= hi  <=>  -hi <= i - j <= -lo
             keep = q_ok[None, :] & _band_keep(offs_n, rows_q, -hi, -lo, HAS_HI, HAS_LO)
@@ -94,19 +100,21 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, Bias, Mask, DK, DV,
+    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_heads, num_kv_heads, group, num_q, num_k, lo, hi, scale, softcap,
     Q_CLASS, K_CLASS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -129,6 +137,10 @@ def _attn_bwd_dkdv(
     v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    qseg_ptrs = QSeg + off_b * stride_qseg_b + offs_m * stride_qseg_m
+    k_ids = offs_n
+    if HAS_SEG:
+        k_ids = tl.load(KSeg + off_b * stride_kseg_b + offs_n * stride_kseg_n, mask=key_ok, other=0)
 
     row0 = start_n * BLOCK_N
     row_last = tl.minimum(row0 + BLOCK_N, num_k) - 1
@@ -145,20 +157,20 @@ def _attn_bwd_dkdv(
         mask_ptrs = Mask + off_b * stride_mask_b + off_h * stride_mask_h
         mask_ptrs = mask_ptrs + offs_n[:, None] * stride_mask_n
         for_tiles = (
-            q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs, stride_qm, stride_dom, stride_bias_m,
-            stride_mask_m, offs_n, offs_m, key_ok, d_ok, dv_ok,
+            q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs, qseg_ptrs, k_ids,
+            stride_qm, stride_dom, stride_bias_m, stride_mask_m, stride_qseg_m, offs_n, offs_m, key_ok, d_ok, dv_ok,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, *for_tiles, start, full_start, num_q, lo, hi, scale, softcap,
-            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
+            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, *for_tiles, full_start, full_end, num_q, lo, hi, scale, softcap,
-            False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
+            False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, *for_tiles, full_end, end, num_q, lo, hi, scale, softcap,
-            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
+            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
         )
     dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh
     tl.store(dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk * scale,
@@ -171,12 +183,13 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,
-    k_ptrs, v_ptrs, bias_ptrs, mask_ptrs,
-    stride_kn, stride_vn, stride_bias_n, stride_mask_n,
+    k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
+    stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
     offs_m, offs_n, row_ok, d_ok, dv_ok,
     start, end, num_k, lo, hi, scale, softcap,
     PARTIAL: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -201,6 +214,9 @@ def _attn_bwd_dq_inner(
         if HAS_MASK:
             hidden = tl.load(mask_ptrs + start_n * stride_mask_n, mask=tile_ok, other=1) != 0
             s = tl.where(hidden, float("-inf"), s)
+        if HAS_SEG:
+            k_ids = tl.load(kseg_ptrs + start_n * stride_kseg_n, mask=col_ok, other=0)
+            s = tl.where(q_ids[:, None] == k_ids[None, :], s, float("-inf"))
         if PARTIAL:
             keep = col_ok[None, :] & _band_keep(offs_m, cols, lo, hi, HAS_LO, HAS_HI)
             s = tl.where(keep, s, float("-inf"))
@@ -215,18 +231,20 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, Bias, Mask, DQ,
+    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     num_heads, group, num_q, num_k, lo, hi, scale, softcap,
     Q_CLASS, K_CLASS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -257,26 +275,31 @@ def _attn_bwd_dq(
     bias_ptrs = bias_ptrs + offs_m[:, None].to(tl.int64) * stride_bias_m + offs_n[None, :] * stride_bias_n
     mask_ptrs = Mask + off_b * stride_mask_b + off_h * stride_mask_h
     mask_ptrs = mask_ptrs + offs_m[:, None].to(tl.int64) * stride_mask_m + offs_n[None, :] * stride_mask_n
+    kseg_ptrs = KSeg + off_b * stride_kseg_b + offs_n * stride_kseg_n
+    q_ids = offs_m
+    if HAS_SEG:
+        q_ids = tl.load(QSeg + off_b * stride_qseg_b + offs_m * stride_qseg_m, mask=row_ok, other=0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     row0 = start_m * BLOCK_M
     row_last = tl.minimum(row0 + BLOCK_M, num_q) - 1
     start, full_start, full_end, end = _tile_ranges(row0, row_last, num_k, lo, hi, HAS_LO, HAS_HI, BLOCK_N)
     for_tiles = (
-        k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, stride_kn, stride_vn, stride_bias_n, stride_mask_n,
+        k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
+        stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
         offs_m, offs_n, row_ok, d_ok, dv_ok,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, *for_tiles, start, full_start, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, *for_tiles, full_start, full_end, num_k, lo, hi, scale, softcap,
-        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, *for_tiles, full_end, end, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq * scale, mask=row_ok[:, None] & d_ok[None, :])
@@ -299,6 +322,7 @@ def attention_triton_backward(
     block_k: int = 512,
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
+    segments: Optional[Segments] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Same contract as ``backward.attention_backward``: ``(dq, dk, dv, dbias)``.
 
@@ -310,12 +334,13 @@ def attention_triton_backward(
     kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q)
     if needs_bias_grad:
         _say_once("fa_dynamo: the triton backward does not compute bias gradients; using the reference backward")
-        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=True, **kw)
+        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=True, segments=segments, **kw)
     if out is None or lse is None:
-        out, lse = attention_triton(q, k, v, bias, mask, block_k=block_k, **kw)
+        out, lse = attention_triton(q, k, v, bias, mask, block_k=block_k, segments=segments, **kw)
+    q_ids, k_ids = (None, None) if segments is None else segments
     dq, dk, dv = torch.ops.fa_dynamo.attention_triton_backward(
         grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band.min_offset, band.max_offset,
-        block_q, block_k,
+        block_q, block_k, q_segments=q_ids, k_segments=k_ids,
     )
     return dq, dk, dv, None
 
@@ -337,19 +362,23 @@ def _backward_op(
     max_offset: Optional[int],
     block_q: int,
     block_k: int,
+    q_segments: Optional[torch.Tensor] = None,
+    k_segments: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     band = Band(min_offset, max_offset)
-    return _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k)
+    segments = Segments.of(q_segments, k_segments)
+    return _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments)
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, min_offset, max_offset, block_q, block_k):
+def _(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, min_offset, max_offset, block_q, block_k,
+      q_segments=None, k_segments=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k):
+def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments):
     """The FA2 backward kernels: ``(dq, dk, dv)`` in the inputs' dtypes."""
-    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q)
+    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, segments=segments)
     reason = unsupported_reason(q, v)
     if reason is not None or min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
         if reason is not None:
@@ -358,7 +387,7 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
 
     batch, heads, num_q, _ = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
-    rows = unserved_rows(lse, fill, mask, band, num_k).any(dim=0).any(dim=0).nonzero().flatten()
+    rows = unserved_rows(lse, fill, mask, band, num_k, segments).any(dim=0).any(dim=0).nonzero().flatten()
     delta = (grad_out.float() * out.float()).sum(-1)
     lse_k = lse.float().contiguous()
     if rows.numel():  # the reference serves these rows: their kernel contribution must be zero
@@ -369,23 +398,24 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
     full = (batch, heads, num_q, num_k)
     bias_t, bias_s = _dense_args(bias, full, q)
     mask_t, mask_s = _dense_args(mask, full, q)
+    q_ids, k_ids, seg_s = _segment_args(segments, q)
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
     common = (heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, scale, softcap,
               _seq_class(num_q), _seq_class(num_k))
-    consts = _constexprs(q, v, bias, mask, softcap, band)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bias_s, *mask_s)
+    consts = _constexprs(q, v, bias, mask, softcap, band, segments)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bias_s, *mask_s, *seg_s)
     try:
         _launch(
             _attn_bwd_dkdv, lambda meta: (triton.cdiv(num_k, meta["BLOCK_N"]), batch * kv_heads),
-            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, dk, dv, *strides, *dk.stride(), *dv.stride(),
-             heads, kv_heads, *common),
+            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, dk, dv, *strides, *dk.stride(),
+             *dv.stride(), heads, kv_heads, *common),
             consts, q, block_q, block_k, bias, mask, backward=True,
         )
         _launch(
             _attn_bwd_dq, lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads),
-            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, dq, *strides, *dq.stride(), heads, *common),
+            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, dq, *strides, *dq.stride(), heads, *common),
             consts, q, block_q, block_k, bias, mask, backward=True,
         )
     except _RESOURCE_ERRORS as e:
@@ -396,7 +426,8 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scale, softcap, fill, band, block_q):
+def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scale, softcap, fill, band, block_q,
+                        segments):
     """Add the reference's gradients of query rows ``rows`` (in place, fp32 buffers).
 
     The reference backward is autograd through ``reference_attention``; this is the same chain
@@ -408,8 +439,9 @@ def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scal
     k_c, v_c = k.float().unsqueeze(2), v.float().unsqueeze(2)  # [B, Hkv, 1, Sk, D]
     for idx in rows.split(block_q):
         q_r = q.index_select(2, idx)
+        seg_r = None if segments is None else segments.rows(idx)
         s = masked_scores(q_r, k, idx, scale=scale, softcap=softcap, bias=rows_of(bias, idx),
-                          mask=rows_of(mask, idx), fill=fill, band=band)  # [B, Hkv, G, n, Sk]
+                          mask=rows_of(mask, idx), fill=fill, band=band, segments=seg_r)  # [B, Hkv, G, n, Sk]
         p = torch.softmax(s, dim=-1)
         do_r = group_heads(grad_out.index_select(2, idx).float(), num_kv_heads)
         dp = do_r @ v_c.transpose(-1, -2)
@@ -417,6 +449,8 @@ def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scal
         hidden = band.hidden(idx, keys)
         if mask is not None:
             hidden = hidden | group_heads(rows_of(mask, idx), num_kv_heads)
+        if seg_r is not None:
+            hidden = hidden | group_heads(seg_r.hidden(), num_kv_heads)
         ds = ds.masked_fill(hidden, 0.0)
         q_g = group_heads(q_r.float(), num_kv_heads)
         if softcap > 0:

@@ -50,6 +50,7 @@ import torch
 
 from fa_dynamo.kernels.cpu import _recompute_unserved_rows
 from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.segments import Segments, segments_as_mask
 
 log = logging.getLogger("fa_dynamo")
 
@@ -157,13 +158,16 @@ def attention_xformers(
     band: Band,
     block_q: int,
     block_k: int,
+    segments: Optional[Segments] = None,
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Same contract as ``attention_cpu``, or None when xformers cannot serve the call (the
-    caller then falls back; the reason is logged once)."""
+    caller then falls back; the reason is logged once). Segment ids reach xformers as part of
+    the dense bias (``segments_as_mask``)."""
     reason = unsupported_reason(q, k, v, softcap)
     if reason is not None:
         _say_once(f"fa_dynamo: {reason}; falling back from the xformers kernel")
         return None
+    mask = segments_as_mask(mask, segments, "xformers")
     batch, heads, num_q, _ = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
     if min(batch, heads, num_q, num_k) == 0:

@@ -17,10 +17,9 @@ pre-dispatch ATen graph (checked in tests/distributed/test_allreduce.py):
 * ``dist.all_reduce(y)`` in compiled code: Dynamo rewrites it to
   ``_c10d_functional.all_reduce(y) → wait_tensor → aten.copy_(y, reduced)``;
 * ``funcol.all_reduce(y, "sum", group)``: ``all_reduce → wait_tensor``;
-* DTensor ``RowwiseParallel``, but only once aot_autograd has desugared the DTensors
-  (``mm → _unsafe_view → all_reduce → wait_tensor``): the backend's pre-dispatch graph of a
-  DTensor model cannot be built yet, so today this form is reached only by running the pass on
-  the aot forward graph (as the tests do);
+* DTensor ``RowwiseParallel``: the collective exists only once aot_autograd has desugared the
+  DTensors (``mm → _unsafe_view → all_reduce → wait_tensor``); the backend runs the passes on
+  that forward graph for tensor-subclass models (``fa_dynamo.backend``);
 
 where ``y`` is ``linear`` / ``mm`` / ``addmm`` / ``matmul`` of a token-major input and a 2-D
 weight, followed by any row-major reshapes (``view``/``reshape``/``unsqueeze``/``squeeze``/
@@ -31,10 +30,25 @@ choice (``fa_dynamo.passes.allreduce_cost``) when that is 0; the model keeps dec
 untiled. With a dynamic token count, C is chosen at the size hint and a guard on M keeps the
 choice valid (decode and prefill compile into separate graphs). Without an initialized process
 group the pass does nothing.
+
+When the matmul is an ``o_proj`` over a fused attention (``fa_dynamo::attention → [0] →
+transpose(1, 2) → reshape [B, Sq, H·Dv] → linear``), the chunks cut the sequence instead, and
+the attention with it: chunk i is attention of query rows r_i, its o_proj and its all_reduce, so
+the attention of chunk i+1 overlaps the all_reduce of chunk i (the paper's form)::
+
+    a = attention(q, k, v)             a_0 = attention(q[:, :, r_0], k, v);  h_0 = all_reduce(o_proj(a_0))
+    h = all_reduce(o_proj(a))   ⇒      a_1 = attention(q[:, :, r_1], k, v);  h_1 = all_reduce(o_proj(a_1))
+                                       z = cat(wait(h_0), wait(h_1), ..., dim=1)
+
+Band offsets shift by each chunk's first row; biases, masks and segment ids with a query-row dim
+are sliced (``_query_row_args``). A chain that is not exactly that leaves the attention whole
+(the matmul is still tiled by token rows) and the log says why.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import operator
 import os
@@ -44,18 +58,23 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
+from fa_dynamo import kernels as _kernels  # noqa: F401  (registers fa_dynamo::attention)
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes import allreduce_cost as cost
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
-from fa_dynamo.passes.matching import aten, describe, is_op, val
+from fa_dynamo.passes.matching import aten, describe, is_op, normalize_dim, val
 
+log = logging.getLogger("fa_dynamo")
 c10d = torch.ops._c10d_functional
+_ATTENTION = torch.ops.fa_dynamo.attention
 
 _MATMULS = (aten.linear, aten.mm, aten.addmm, aten.matmul)
 # Ops that reinterpret a tensor in row-major order without moving elements: cat(chunks) then
 # the same op equals the op then the reduction.
 _RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.flatten)
 _CASTS = (aten.to, aten._to_copy)
+# Ops between the attention's [B, H, Sq, Dv] output and the o_proj's [B, Sq, H·Dv] input.
+_LAYOUT_OPS = (*_RESHAPES, *_CASTS, aten.transpose, aten.permute, aten.clone, aten.contiguous)
 _REDUCE_OPS = ("sum", "avg", "max", "min", "product")
 
 Size = Union[int, torch.SymInt]
@@ -65,17 +84,24 @@ class NotTiled(Exception):
     """Raised inside matching with the reason a site is left alone."""
 
 
+class NotSplit(Exception):
+    """Raised with the reason the attention feeding a tiled matmul is left whole."""
+
+
 @dataclass
 class AllReduceSite(SiteReport):
     """A site report that also says how many chunks the all_reduce was cut into."""
 
     chunks: int = 1
+    split_attention: bool = False  # the attention producing the matmul input was split with it
 
 
 class AllReduceReport(PassReport):
     def headline(self) -> str:
         chunks = ", ".join(str(s.chunks) for s in self.sites if s.fused)
-        return f"tiled {len(self.fused)}/{len(self.sites)} all_reduce sites" + (f" (chunks: {chunks})" if chunks else "")
+        split = sum(s.split_attention for s in self.sites)
+        return (f"tiled {len(self.fused)}/{len(self.sites)} all_reduce sites" + (f" (chunks: {chunks})" if chunks else "")
+                + (f", {split} with their attention split by query rows" if split else ""))
 
 
 @dataclass
@@ -89,6 +115,19 @@ class _Site:
     k: Size = 0  # contraction
     n: Size = 0  # output features
     world: int = 1
+    attention: Optional["_AttentionChain"] = None  # set when the chunks also split the attention
+
+
+@dataclass
+class _AttentionChain:
+    """``fa_dynamo::attention → [0] → transpose(1, 2) → reshape [B, Sq, H·Dv]`` (casts and
+    ``contiguous`` anywhere) as the input of a ``linear``/``matmul``: cutting the matmul's rows
+    along Sq cuts the attention's query rows."""
+
+    attention: fx.Node
+    nodes: list[fx.Node]  # getitem(attention, 0) ... the matmul input, in graph order
+    seq: Size  # Sq
+    unread: list[fx.Node]  # getitem(attention, 1) with no users, if the graph kept one
 
 
 class AllReducePass(GraphPass):
@@ -108,11 +147,12 @@ class AllReducePass(GraphPass):
             try:
                 site = _match(reduce)
                 chunks = _chunk_count(site, config)
+                chunks = _split_attention_too(site, chunks)
                 _rewrite(graph, site, chunks)
             except NotTiled as e:
                 report.sites.append(AllReduceSite(_where(reduce), False, str(e)))
                 continue
-            report.sites.append(AllReduceSite(_where(reduce), True, chunks=chunks))
+            report.sites.append(AllReduceSite(_where(reduce), True, chunks=chunks, split_attention=site.attention is not None))
 
 
 def _where(reduce: fx.Node) -> str:
@@ -207,6 +247,146 @@ def _world_size(reduce: fx.Node) -> int:
         raise NotTiled(f"process group {group!r} cannot be resolved ({e})") from None
 
 
+# --- the attention feeding the matmul (the paper's form) ---------------------------------------
+
+# The attention op's operands indexed by query row, each with the dim that indexes it, and the
+# band offsets, which are relative to the query index. Every other operand must be listed as
+# independent of the query rows: an operand in neither table (the op's signature grew) leaves the
+# attention whole, so add a new per-query-row operand to ``_QUERY_ROW_DIM`` (or, if it is read
+# the same by every query row, to ``_QUERY_INDEPENDENT``).
+_QUERY_ROW_DIM = {"q": 2, "bias": 2, "mask": 2, "q_segments": 1}
+_QUERY_OFFSETS = ("min_offset", "max_offset")
+_QUERY_INDEPENDENT = frozenset({"k", "v", "scale", "softcap", "fill", "kernel", "block_q", "block_k", "k_segments"})
+
+
+def _split_attention_too(site: _Site, chunks: int) -> int:
+    """Set ``site.attention`` when the C chunks can also cut the attention's query rows; the chunk
+    count is capped at Sq then. Otherwise the matmul alone is tiled, and the log says why."""
+    try:
+        chain = _match_attention(site)
+        if chain is None:
+            return chunks
+        if isinstance(chain.seq, int):
+            if chain.seq < 2:
+                raise NotSplit("a single query row")
+            chunks = min(chunks, chain.seq)
+        elif not bool(chain.seq >= chunks):  # guard: every chunk holds at least one query row
+            raise NotSplit(f"fewer query rows than chunks ({chunks})")
+    except NotSplit as e:
+        log.info("fa_dynamo: allreduce at %s: the attention feeding the matmul stays whole: %s", _where(site.reduce), e)
+        return chunks
+    site.attention = chain
+    return chunks
+
+
+def _match_attention(site: _Site) -> Optional[_AttentionChain]:
+    """The attention whose output the matmul multiplies, through a token-major relayout; None when
+    the matmul input does not come from ``fa_dynamo::attention``; NotSplit when it does, unclearly."""
+    mm = site.matmul
+    nodes: list[fx.Node] = []
+    node = mm.args[1] if is_op(mm, aten.addmm) else mm.args[0]
+    while is_op(node, *_LAYOUT_OPS):
+        nodes.insert(0, node)
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and is_op(node.args[0], _ATTENTION)):
+        return None
+    attention = node.args[0]
+    nodes.insert(0, node)
+    outputs = list(attention.users)
+    if node.args[1] != 0 or any(u is not node and (u.target is not operator.getitem or u.users) for u in outputs):
+        raise NotSplit("the attention's log-sum-exp is read")
+    if not is_op(mm, aten.linear, aten.matmul) or val(nodes[-1]).dim() != 3:
+        raise NotSplit(f"{mm.target} multiplies tokens flattened over batch and sequence, not [B, Sq, features]")
+    for n in nodes:
+        if len(n.users) != 1:
+            raise NotSplit(f"{n.name} on the way from the attention to the matmul is also read elsewhere")
+    unknown = [a.name for a in attention.target._schema.arguments
+               if a.name not in _QUERY_ROW_DIM and a.name not in _QUERY_OFFSETS and a.name not in _QUERY_INDEPENDENT]
+    if unknown:
+        raise NotSplit(f"the attention op's operands {unknown} are not known to be per query row or not")
+    out = val(node)  # [B, H, Sq, Dv]
+    transposes = [n for n in nodes if is_op(n, aten.transpose, aten.permute)]
+    reshapes = [n for n in nodes if is_op(n, *_RESHAPES) and not _same_sizes(val(n.args[0]).shape, val(n).shape)]
+    if len(transposes) != 1 or len(reshapes) != 1 or nodes.index(transposes[0]) > nodes.index(reshapes[0]):
+        raise NotSplit("the attention output reaches the matmul other than by one transpose, then one reshape")
+    if not _swaps_heads_and_rows(transposes[0]):
+        raise NotSplit(f"{transposes[0].name} does not move the query rows next to the batch dim")
+    merged_in, merged_out = val(reshapes[0].args[0]), val(reshapes[0])
+    if merged_in.dim() != 4 or merged_out.dim() != 3 or not _same_sizes(merged_in.shape[:2], merged_out.shape[:2]):
+        raise NotSplit(f"{reshapes[0].name} does not merge heads into features of [B, Sq, H·Dv]")
+    if not _same_sizes((out.shape[0], out.shape[2]), merged_out.shape[:2]):
+        raise NotSplit("the matmul input's rows are not the attention's [B, Sq]")
+    return _AttentionChain(attention, nodes, out.shape[2], [u for u in outputs if u is not node])
+
+
+def _swaps_heads_and_rows(node: fx.Node) -> bool:
+    """``transpose(1, 2)`` or ``permute(0, 2, 1, 3)`` of a 4-D tensor."""
+    if val(node.args[0]).dim() != 4:
+        return False
+    if is_op(node, aten.transpose):
+        return sorted(normalize_dim(d, 4) for d in node.args[1:3]) == [1, 2]
+    return [normalize_dim(d, 4) for d in node.args[1]] == [0, 2, 1, 3]
+
+
+def _same_sizes(a, b) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _attention_rows(graph: fx.Graph, chain: _AttentionChain, start: Size, end: Size) -> fx.Node:
+    """The matmul input for query rows ``[start, end)``: the attention of those rows, relaid out as before."""
+    node = graph.call_function(chain.attention.target, *_query_row_args(graph, chain.attention, start, end))
+    rows = _arith(graph, operator.sub, end, start)
+    row_dim = 2  # where the query rows are: [B, H, Sq, Dv] until the transpose, [B, Sq, ...] after it
+    for old in chain.nodes:
+        if old is chain.nodes[0]:
+            node = graph.call_function(operator.getitem, (node, 0))
+        elif is_op(old, aten.view, aten.reshape, aten._unsafe_view):  # the chunk's row count replaces Sq
+            sizes = list(old.args[1])
+            sizes[row_dim] = rows
+            node = graph.call_function(old.target, (node, sizes, *old.args[2:]), dict(old.kwargs))
+        else:
+            node = graph.call_function(old.target, (node, *old.args[1:]), dict(old.kwargs))
+            row_dim = 1 if is_op(old, aten.transpose, aten.permute) else row_dim
+    return node
+
+
+def _query_row_args(graph: fx.Graph, attention: fx.Node, start: Size, end: Size) -> tuple[tuple, dict]:
+    """``attention``'s args and kwargs, copied, with its per-query-row operands cut to ``[start, end)``.
+
+    A row slice of a band ``lo <= j - i <= hi`` (``i`` the query row) is the band shifted by
+    ``start``: local row ``i' = i - start`` sees key ``j`` iff ``lo + start <= j - i' <= hi + start``
+    (keys are not cut, so Sq != Sk needs nothing more). Operands that broadcast over the query rows
+    (a dim of size 1) stay as they are.
+    """
+    names = [a.name for a in attention.target._schema.arguments]
+    args, kwargs = list(attention.args), dict(attention.kwargs)
+    for i, name in enumerate(names):
+        value = args[i] if i < len(args) else kwargs.get(name)
+        if value is None or name in _QUERY_INDEPENDENT:
+            continue
+        if name in _QUERY_OFFSETS:
+            value = _arith(graph, operator.add, value, start)
+        elif isinstance(value, fx.Node) and val(value).shape[_QUERY_ROW_DIM[name]] != 1:
+            value = graph.call_function(aten.slice.Tensor, (value, _QUERY_ROW_DIM[name], start, end))
+        if i < len(args):
+            args[i] = value
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
+
+
+def _arith(graph: fx.Graph, fn, a: Any, b: Any) -> Any:
+    """``a + b`` or ``a - b`` of sizes that are ints or SymInt nodes: an int when both are ints, else a node."""
+    if isinstance(a, int) and isinstance(b, int):
+        return fn(a, b)
+    if isinstance(b, int) and b == 0:
+        return a
+    return graph.call_function(fn, (a, b))
+
+
 # --- choosing C -------------------------------------------------------------------------------
 
 
@@ -252,24 +432,24 @@ def _hint(size: Size) -> int:
 
 
 def _rewrite(graph: fx.Graph, site: _Site, chunks: int) -> None:
-    mm, reduce = site.matmul, site.reduce
+    mm, reduce, attention = site.matmul, site.reduce, site.attention
     addmm = is_op(mm, aten.addmm)
     x = mm.args[1] if addmm else mm.args[0]
     out = val(mm)
     lead = list(out.shape[:-1])
     with graph.inserting_before(mm):
-        k = site.k if isinstance(site.k, int) else graph.call_function(aten.sym_size.int, (x, -1))
-        rows = x if len(lead) == 1 else graph.call_function(aten.reshape.default, (x, [-1, k]))
-        if isinstance(site.m, int):
-            bounds = cost.chunk_bounds(site.m, chunks)
-        else:
-            m = graph.call_function(aten.sym_size.int, (rows, 0))
-            edges = [0] + [graph.call_function(operator.floordiv, (graph.call_function(operator.mul, (m, i)), chunks))
-                           for i in range(1, chunks)] + [m]
-            bounds = list(zip(edges[:-1], edges[1:]))
+        if attention is not None:  # chunks of query rows: [B, rows, H·Dv] inputs, cut along dim 1
+            q = attention.attention.args[0]
+            bounds = _bounds(graph, attention.seq, lambda: graph.call_function(aten.sym_size.int, (q, 2)), chunks)
+            part_of = functools.partial(_attention_rows, graph, attention)
+        else:  # chunks of token rows: [rows, K] inputs
+            k = site.k if isinstance(site.k, int) else graph.call_function(aten.sym_size.int, (x, -1))
+            rows = x if len(lead) == 1 else graph.call_function(aten.reshape.default, (x, [-1, k]))
+            bounds = _bounds(graph, site.m, lambda: graph.call_function(aten.sym_size.int, (rows, 0)), chunks)
+            part_of = lambda start, end: graph.call_function(aten.slice.Tensor, (rows, 0, start, end))  # noqa: E731
         handles = []
-        for start, end in bounds:
-            part = graph.call_function(aten.slice.Tensor, (rows, 0, start, end))
+        for start, end in bounds:  # chunk i's all_reduce is issued before chunk i+1 is computed
+            part = part_of(start, end)
             args = (mm.args[0], part, *mm.args[2:]) if addmm else (part, *mm.args[1:])
             y = graph.call_function(mm.target, args, dict(mm.kwargs))
             for node in site.chain:
@@ -281,8 +461,8 @@ def _rewrite(graph: fx.Graph, site: _Site, chunks: int) -> None:
     anchor = _earliest(graph, readers) or site.copy or site.wait
     with graph.inserting_before(anchor):
         waits = [graph.call_function(site.wait.target, (h,)) for h in handles]
-        result = graph.call_function(aten.cat.default, (waits, 0))
-        if len(lead) != 1:
+        result = graph.call_function(aten.cat.default, (waits, 0 if attention is None else 1))
+        if attention is None and len(lead) != 1:
             sizes = [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (x, i)) for i, d in enumerate(lead)]
             n = site.n if isinstance(site.n, int) else graph.call_function(aten.sym_size.int, (result, 1))
             result = graph.call_function(aten.reshape.default, (result, sizes + [n]))
@@ -291,13 +471,24 @@ def _rewrite(graph: fx.Graph, site: _Site, chunks: int) -> None:
                 result = graph.call_function(node.target, (result, *node.args[1:]), dict(node.kwargs))
 
     site.wait.replace_all_uses_with(result, delete_user_cb=lambda user: user is not site.copy)
-    dead = [mm, *site.chain, reduce, site.wait]
+    dead = ([attention.attention, *attention.unread, *attention.nodes] if attention else []) + [mm, *site.chain, reduce, site.wait]
     if site.copy is not None:
         site.copy.replace_all_uses_with(result)
         dead.append(site.copy)
     for node in reversed(dead):
         assert not node.users, f"{node.name} still has users after the rewrite"
         graph.erase_node(node)
+
+
+def _bounds(graph: fx.Graph, size: Size, size_node, chunks: int) -> list[tuple[Size, Size]]:
+    """``chunks`` ranges covering ``[0, size)``; for a symbolic size, as SymInt arithmetic on
+    ``size_node()`` (the size read from a tensor that outlives the rewrite)."""
+    if isinstance(size, int):
+        return cost.chunk_bounds(size, chunks)
+    total = size_node()
+    edges = [0] + [graph.call_function(operator.floordiv, (graph.call_function(operator.mul, (total, i)), chunks))
+                   for i in range(1, chunks)] + [total]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _earliest(graph: fx.Graph, nodes: list[fx.Node]) -> Optional[fx.Node]:

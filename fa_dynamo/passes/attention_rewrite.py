@@ -2,7 +2,9 @@
 
 Operands are put in the op's ``[B, H, S, D]`` layout (permutes, transposes and batch reshapes
 are views; ``repeat_kv`` is undone so GQA reaches the op without copies), masks and biases are
-brought to 4-D, and the op's output is put back in the layout P·V had.
+brought to 4-D (a mask term comparing per-query with per-key ids — packed sequences, chunked
+attention — becomes the op's ``q_segments``/``k_segments`` instead), and the op's output is put
+back in the layout P·V had.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
+from fa_dynamo.passes.mask_segments import SegmentIds, lift_segments
 from fa_dynamo.passes.matching import aten, dtype, is_op, normalize_dim, python_scalar, shape
 
 
@@ -231,9 +234,10 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
                    for t, op in ((q, site.q), (k, site.k), (v, site.v)))
         bias = _combine(graph, [_relayout(graph, b, sizes) if b in site.relayout else _to_4d(graph, b)
                                 for b in site.biases], aten.add.Tensor)
+        segments, masks = _segment_masks(site)
         hidden = [
             _to_4d(graph, m) if where_true else graph.call_function(aten.bitwise_not.default, (_to_4d(graph, m),))
-            for m, where_true in site.masks
+            for m, where_true in masks
         ]
         mask = _combine(graph, hidden, aten.bitwise_or.Tensor)
         fill = float("-inf") if site.fill is None else site.fill
@@ -243,6 +247,7 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
             torch.ops.fa_dynamo.attention.default,
             (q, k, v, bias, mask, _emit_scale(graph, site), site.softcap, fill, lo, hi,
              config.kernel, config.block_q, config.block_k),
+            _emit_segments(graph, site, segments, sizes, q, k),
         )
         out = graph.call_function(operator.getitem, (op, 0))
         for _ in range(2 - len(batch)):
@@ -276,6 +281,26 @@ def _type_check(anchor: fx.Node, pv: fx.Node, out: fx.Node) -> None:
     got, want = out.meta["val"], pv.meta["val"]
     if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
         raise NotFusable(f"the rewrite gives {tuple(got.shape)} {got.dtype}, P·V gave {tuple(want.shape)} {want.dtype}")
+
+
+def _segment_masks(site: Site) -> tuple[Optional[SegmentIds], list]:
+    """The first mask term that is a segment equality (``mask_segments``), and the other terms."""
+    scores_shape = _canonical_batch(site) + tuple(shape(site.qk)[-2:])
+    for i, (m, where_true) in enumerate(site.masks):
+        ids = lift_segments(m, not where_true, scores_shape, site.mutated)
+        if ids is not None:
+            return ids, site.masks[:i] + site.masks[i + 1:]
+    return None, site.masks
+
+
+def _emit_segments(graph: fx.Graph, site: Site, segments: Optional[SegmentIds], sizes: list, q, k) -> dict:
+    """The op's ``q_segments [B, Sq]`` / ``k_segments [B, Sk]`` keyword arguments (none without)."""
+    if segments is None:
+        return {}
+    num_q, num_k = (d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (t, 2))
+                    for d, t in zip(shape(site.qk)[-2:], (q, k)))
+    q_ids, k_ids = segments.emit(graph, sizes[0] if len(sizes) == 2 else 1, num_q, num_k)
+    return {"q_segments": q_ids, "k_segments": k_ids}
 
 
 def _relayout(graph: fx.Graph, node: fx.Node, sizes: list) -> fx.Node:

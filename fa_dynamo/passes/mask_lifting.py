@@ -15,6 +15,9 @@ Abstract values:
   ``Select(.., True, False)``; ``triu(full(v))`` gives ``Select(j - i >= d, v, 0)``. A boolean
   term ANDed in that depends on data (transformers' key padding, ``attention_mask[b, j]``)
   stays a dense factor: the band is lifted and only the small padding term reaches the op.
+  A comparison of packed-sequence positions ANDed with the equality of their sequence ids is
+  a comparison of indices (``mask_segments.resolve_packed_positions``); the equality itself stays a
+  dense factor, which ``mask_segments.lift_segments`` reads as segment ids.
 
 Offsets may be symbolic (``Offset`` keeps SymInt nodes), so a causal mask with a dynamic
 past length still lifts. Anything else makes ``lift`` return None: the caller passes the mask
@@ -29,6 +32,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
+from fa_dynamo.passes.mask_segments import resolve_packed_positions
 from fa_dynamo.passes.matching import aten, is_op, normalize_dim, round_to, shape, val
 
 
@@ -320,6 +324,10 @@ class _Interpreter:
         op = n.target.overloadpacket
         if isinstance(a, Select) and op in (aten.eq, aten.ne):
             return self._compare_select(a, b, op)
+        return self._compare_indices(n, a, b, op)
+
+    def _compare_indices(self, n: fx.Node, a: Any, b: Any, op) -> Select:
+        """``a OP b`` for index values ``a`` and ``b``; ``n`` is the comparison's node."""
         a, b = self._affine(a), self._affine(b)
         if a is None or b is None:
             raise _NotLiftable("comparison of non-index values")
@@ -401,7 +409,16 @@ class _Interpreter:
             where = _intersect(self._as_set(a).invert(), self._as_set(b).invert()).invert()
             return Select(where, True, False, max(a.rank, b.rank))
         (wa, da), (wb, db) = (self._conjunct(arg, n) for arg in n.args[:2])
-        return Select(_intersect(wa, wb), True, False, len(shape(n)), da + db)
+        where, dense = _intersect(wa, wb), da + db
+        resolved, dense = resolve_packed_positions(dense)
+        for comparison, column_a, column_b in resolved:
+            try:
+                indices = self._compare_indices(comparison, self.value(column_a), self.value(column_b),
+                                                comparison.target.overloadpacket)
+                where = _intersect(where, indices.where)
+            except _NotLiftable:  # not a band over the indices: the comparison stays a dense term
+                dense += (comparison,)
+        return Select(where, True, False, len(shape(n)), dense)
 
     def _conjunct(self, arg: Any, out: fx.Node) -> tuple[Interval, tuple]:
         """One side of an AND; a boolean term the lifter cannot read stays as a dense factor."""

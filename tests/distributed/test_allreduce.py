@@ -217,63 +217,51 @@ def _dynamic_tokens(rank: int) -> dict:
     return {"diffs": diffs, **_graph_summary(backend)}
 
 
-class MLP(torch.nn.Module):
-    """A Llama MLP for DTensor: ``parallelize_module`` shards gate/up by column, down by row."""
+class LlamaBlock(torch.nn.Module):
+    """A Llama-style block with plain ``nn.Linear`` layers, for DTensor ``parallelize_module``:
+    q/k/v and gate/up column-parallel, o and down row-parallel (see ``_dtensor_block``)."""
 
-    def __init__(self, dim=64, hidden=128):
+    def __init__(self, dim=64, hidden=128, heads=4):
         super().__init__()
+        self.head_dim = dim // heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim, bias=False) for _ in range(4))
         self.gate = torch.nn.Linear(dim, hidden, bias=False)
         self.up = torch.nn.Linear(dim, hidden, bias=False)
         self.down = torch.nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        mask = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
+        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim) + mask, dim=-1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))  # -1: the local heads' width
         return x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
 
 
-def _dtensor_mlp():
+def _dtensor_block():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.manual_seed(0)
-    mlp = MLP().requires_grad_(False)
+    block = LlamaBlock().requires_grad_(False)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    return parallelize_module(mlp, mesh, {"gate": ColwiseParallel(), "up": ColwiseParallel(), "down": RowwiseParallel()})
+    col, row = ColwiseParallel(), RowwiseParallel()
+    plan = {"q": col, "k": col, "v": col, "o": row, "gate": col, "up": col, "down": row}
+    return parallelize_module(block, mesh, plan)
 
 
-def _dtensor(rank: int) -> dict:
-    """DTensor RowwiseParallel: the all_reduce appears only once aot_autograd desugars the DTensors.
-
-    ``via_aot``: the pass run on the aot_autograd forward graph (what the backend would need to
-    do for DTensor graphs). ``via_backend``: the backend as it is (non-strict).
-    """
-    from torch._dynamo.backends.common import aot_autograd
-
-    from fa_dynamo.backend import FastAttentionBackend
-    from fa_dynamo.config import resolve_config
-    from fa_dynamo.passes.allreduce import AllReducePass, AllReduceReport
-
-    mlp = _dtensor_mlp()
+def _dtensor(rank: int, options: dict) -> dict:
+    """DTensor ColwiseParallel/RowwiseParallel through the backend: its all_reduces appear once
+    aot_autograd desugars the DTensors, and the passes run on that forward graph."""
+    block = _dtensor_block()
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(6))
-    eager = mlp(x)
-    graphs, reports = [], []
-
-    def forward_compiler(gm, example_inputs):
-        before = _counts(gm)
-        report = AllReduceReport("allreduce")
-        AllReducePass().run(gm, resolve_config({"allreduce_chunks": 4}), report)
-        gm.graph.lint()
-        gm.recompile()
-        graphs.append((before, _counts(gm)))
-        reports.append([(site.fused, site.reason, site.chunks) for site in report.sites])
-        return gm
-
-    torch._dynamo.reset()
-    via_aot = torch.compile(mlp, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True)(x)
-    fn, backend = _compile(mlp, {"allreduce_chunks": 4, "strict": False})
-    via_backend = fn(x)
+    eager = block(x)
+    fn, backend = _compile(block, options)
+    compiled = fn(x)
     return {
-        "aot_diff": (via_aot - eager).abs().max().item(), "aot_graphs": graphs, "aot_sites": reports,
-        "backend_diff": (via_backend - eager).abs().max().item(), **_graph_summary(backend),
+        "diff": (compiled - eager).abs().max().item(),
+        "attention_ops": sum(str(n.target) == "fa_dynamo.attention.default" for _, g in backend.graphs for n in g.graph.nodes),
+        **_graph_summary(backend),
     }
 
 
@@ -290,7 +278,8 @@ def _scenarios(rank: int) -> dict:
         ("near_misses", lambda: _near_misses(rank)),
         ("cost_model", lambda: _cost_model_choice(rank)),
         ("dynamic", lambda: _dynamic_tokens(rank)),
-        ("dtensor", lambda: _dtensor(rank)),
+        ("dtensor", lambda: _dtensor(rank, {"allreduce_chunks": 4})),
+        ("dtensor_off", lambda: _dtensor(rank, {"allreduce": False, "allreduce_chunks": 4})),
     ]:
         try:
             out[name] = fn()
@@ -328,7 +317,7 @@ def test_megatron_block_matches_eager_with_c_all_reduces_per_original(results, n
     for res in _get(results, name):
         assert res["eager_vs_single"] < 1e-4  # the TP block is the unsharded block
         assert res["compiled_vs_eager"] < TOL
-        assert res["attention_ops"] == 1  # the attention pass ran first and fused the attention
+        assert res["attention_ops"] == chunks  # fused by the attention pass, split with the o_proj's chunks
         assert res["before"] == [{"all_reduce": 2, "wait": 2}]
         assert res["after"] == [{"all_reduce": 2 * chunks, "wait": 2 * chunks}]
         assert [fused for fused, _, _ in res["sites"]] == [True, True]
@@ -338,6 +327,7 @@ def test_megatron_block_matches_eager_with_c_all_reduces_per_original(results, n
 def test_switched_off_leaves_the_graph_untouched(results):
     for res in _get(results, "block_off"):
         assert res["compiled_vs_eager"] < TOL
+        assert res["attention_ops"] == 1
         assert res["after"] == res["before"] == [{"all_reduce": 2, "wait": 2}]
         assert res["sites"] == []
 
@@ -395,19 +385,21 @@ def test_dynamic_token_count(results):
         assert 4 in tiled and 1 in tiled, res  # a guarded tiled graph for M >= 4, an untiled one below
 
 
-def test_dtensor_rowwise_parallel_graph_is_tiled_by_the_pass(results):
+def test_dtensor_parallelize_module_is_tiled_through_the_backend(results):
     for res in _get(results, "dtensor"):
-        assert res["aot_diff"] < TOL
-        assert res["aot_graphs"] == [({"all_reduce": 1, "wait": 1}, {"all_reduce": 4, "wait": 4})]
-        assert res["aot_sites"] == [[(True, "", 4)]]
-        assert res["backend_diff"] < TOL  # the backend as it is: correct, untiled (see below)
+        assert res["diff"] < TOL
+        assert res["attention_ops"] == 4  # fused on aot_autograd's graph, then split with the o_proj's chunks
+        assert res["before"] == [{"all_reduce": 2, "wait": 2}]
+        assert res["after"] == [{"all_reduce": 8, "wait": 8}]
+        assert res["sites"] == [(True, "", 4), (True, "", 4)]
 
 
-@pytest.mark.xfail(strict=True, reason="fa_dynamo.normalize cannot retrace DTensor graphs (DTensor and DeviceMesh graph inputs; "
-                   "the collective only exists after aot_autograd desugars DTensor), so the backend compiles them unfused")
-def test_dtensor_rowwise_parallel_through_the_backend(results):
-    for res in _get(results, "dtensor"):
-        assert res["after"] == [{"all_reduce": 4, "wait": 4}]
+def test_dtensor_switched_off_leaves_the_graph_untouched(results):
+    for res in _get(results, "dtensor_off"):
+        assert res["diff"] < TOL
+        assert res["attention_ops"] == 1
+        assert res["after"] == res["before"] == [{"all_reduce": 2, "wait": 2}]
+        assert res["sites"] == []
 
 
 def test_a_failing_rank_is_an_error_not_a_hang():
@@ -427,3 +419,27 @@ def test_no_process_group_is_a_no_op():
     out = torch.compile(lambda x, w: torch.nn.functional.linear(x, w) + 1, backend=backend, fullgraph=True)(x, w)
     torch.testing.assert_close(out, x @ w.t() + 1)
     assert all(r.sites == [] for reports in backend.reports for r in reports if r.name == "allreduce")
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 1)])
+def test_aot_matmul_and_linear_spellings_are_undone_without_changing_values(q_heads, kv_heads):
+    """The DTensor path's clean-up (``normalize.undo_matmul_decomposition``) on a graph traced below
+    autograd: batched ``@`` (broadcast K/V heads too) and N-D ``F.linear`` become one node each."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fa_dynamo.normalize import undo_matmul_decomposition
+
+    def block(q, k, v, w):
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return torch.nn.functional.linear(a.transpose(1, 2).reshape(2, 13, -1), w)
+
+    g = torch.Generator().manual_seed(8)
+    args = (torch.randn(2, q_heads, 13, 8, generator=g), torch.randn(2, kv_heads, 13, 8, generator=g),
+            torch.randn(2, kv_heads, 13, 8, generator=g), torch.randn(5, 8 * q_heads, generator=g))
+    gm = make_fx(block)(*args)
+    targets = lambda: [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]  # noqa: E731
+    assert "aten.bmm.default" in targets() and "aten.mm.default" in targets()
+    assert undo_matmul_decomposition(gm) == 3
+    assert targets().count("aten.matmul.default") == 2 and targets().count("aten.linear.default") == 1
+    assert not {"aten.bmm.default", "aten.mm.default", "aten.expand.default"} & set(targets())
+    torch.testing.assert_close(gm(*args), block(*args), rtol=0, atol=0)

@@ -21,7 +21,9 @@ import torch
 
 from fa_dynamo.kernels import npu
 from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.segments import Segments
 from tests.kernels.test_ops import _case, _check_accuracy
+from tests.kernels.test_segments import hidden_of, segment_ids
 
 # Prototypes as documented (torch_npu API reference, Ascend/op-plugin docs).
 FUSION_PROTOTYPE = (
@@ -356,3 +358,14 @@ def test_without_torch_npu_falls_back(monkeypatch):
 )
 def test_sparse_plan(band, num_q, num_k, plan):
     assert npu.sparse_plan(Band(*band), num_q, num_k, has_dense_mask=False) == plan
+
+
+def test_segments_reach_torch_npu_in_the_dense_mask(fake_npu):
+    q, k, v, kw = _case((2, 4, 2, 24, 24, 32, 32), F16, "causal", seed=2)
+    q_ids, k_ids = segment_ids("packed", 2, 24, 24, seed=3)
+    out, _ = npu.attention_npu(q, k, v, None, None, scale=0.2, softcap=0.0, fill=float("-inf"),
+                               band=Band(None, kw["hi"]), block_q=16, block_k=16, segments=Segments(q_ids, k_ids),
+                               training=False)
+    (_, args), = fake_npu.calls
+    assert args["sparse_mode"] == 0
+    _check_accuracy(out, q, k, v, {**kw, "mask": hidden_of(q_ids, k_ids)}, 0.2)

@@ -27,7 +27,9 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from fa_dynamo.kernels import triton_attention, triton_backward, triton_configs  # noqa: E402
 from fa_dynamo.kernels.mask import Band, TileKind  # noqa: E402
+from fa_dynamo.kernels.segments import Segments  # noqa: E402
 from tests.kernels.test_ops import _case, _check_accuracy, eager_attention  # noqa: E402
+from tests.kernels.test_segments import hidden_of, segment_ids  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not (triton_attention.INTERPRETED and isinstance(tl.zeros, InterpretedFunction)):
@@ -98,14 +100,16 @@ def test_loop_bounds_skip_empty_tiles_and_leave_full_tiles_unmasked(num_rows, nu
 
 
 def test_keys_in_empty_tiles_are_never_read():
-    """NaN in keys no query may see (outside the band, whole tiles) changes nothing."""
-    q, k, v, kw = _case((1, 2, 1, 32, 128, 16, 16), masks="none")
-    kw = {"lo": -8, "hi": 0}
-    clean, _ = _run(q, k, v, kw, 0.25)
+    """NaN in keys no query may see (outside the band, whole tiles) leaves the kernel's own result
+    unchanged. (The op then recomputes every row by the reference, which, like eager, gives NaN:
+    0 · NaN in p·v.)"""
+    q, k, v, _ = _case((1, 2, 1, 32, 128, 16, 16), masks="none")
+    kw = dict(scale=0.25, softcap=0.0, band=Band(-8, 0), block_q=16, block_k=16)
+    clean, _ = triton_attention._forward(*map(_dev, (q, k, v)), None, None, **kw)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 32:], v2[:, :, 32:] = float("nan"), float("nan")
-    poisoned, _ = _run(q, k2, v2, kw, 0.25)
-    assert torch.equal(clean, poisoned)
+    poisoned, _ = triton_attention._forward(*map(_dev, (q, k2, v2)), None, None, **kw)
+    assert not clean.isnan().any() and torch.equal(clean, poisoned)
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -250,6 +254,55 @@ def test_backward_with_bias_gradient_uses_the_reference():
     assert dbias is not None and dbias.shape == kw["bias"].shape
 
 
+# --- segment masks (packed sequences, chunked attention) ------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["packed", "unsorted", "singletons"])
+@pytest.mark.parametrize(
+    "shape, masks, dtype",
+    [((2, 4, 2, 37, 45, 16, 16), "causal", torch.float32), ((1, 2, 1, 33, 33, 24, 24), "window", torch.bfloat16)],
+)
+def test_segments_forward_and_backward_match_float64(layout, shape, masks, dtype):
+    """Ids loaded per tile and compared: forward and the FA2 backward against the dense mask."""
+    q, k, v, kw = _case(shape, dtype, masks, seed=5)
+    q_ids, k_ids = segment_ids(layout, shape[0], shape[3], shape[4], seed=8)
+    segments = Segments(_dev(q_ids), _dev(k_ids))
+    scale = shape[5] ** -0.5
+    band = Band(kw.get("lo"), kw.get("hi"))
+    out, _ = attention_triton(_dev(q), _dev(k), _dev(v), None, None, scale=scale, softcap=0.0, fill=float("-inf"),
+                              band=band, block_q=16, block_k=16, segments=segments)
+    dense = {**kw, "mask": hidden_of(q_ids, k_ids)}
+    _check_accuracy(out.cpu(), q, k, v, dense, scale)
+    go = torch.randn(out.shape).to(dtype)
+    ours = attention_triton_backward(
+        *map(_dev, (go, q, k, v)), None, None, scale=scale, softcap=0.0, fill=float("-inf"), band=band,
+        block_q=16, block_k=16, needs_bias_grad=False, segments=segments,
+    )[:3]
+    ref = _grads(q.double(), k.double(), v.double(), dense, go.double(), scale)
+    same = _grads(q, k, v, dense, go, scale)
+    floor = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, a, r, e in zip("qkv", (g.cpu() for g in ours), ref, same):
+        assert torch.equal(a.isnan(), r.isnan()), f"d{name}: NaN pattern differs from eager"
+        err = (a.double() - r).nan_to_num().abs().max().item()
+        eager_err = (e.double() - r).nan_to_num().abs().max().item()
+        assert err <= 3 * eager_err + floor, f"d{name}: error {err:.3g} vs eager's {eager_err:.3g}"
+
+
+def test_segments_through_the_custom_ops():
+    """fa_dynamo::attention with kernel='triton' and segment ids; both custom ops pass opcheck."""
+    q, k, v, kw = _case((2, 4, 2, 21, 29, 16, 16), masks="causal")
+    q_ids, k_ids = (_dev(t) for t in segment_ids("packed", 2, 21, 29, seed=2))
+    q, k, v = (_dev(t).requires_grad_() for t in (q, k, v))
+    ids = {"q_segments": q_ids, "k_segments": k_ids}
+    args = (q, k, v, None, None, 0.25, 0.0, float("-inf"), None, kw["hi"], "triton", 16, 16)
+    torch.library.opcheck(torch.ops.fa_dynamo.attention.default, args, ids)
+    out, lse = torch.ops.fa_dynamo.attention(*args, **ids)
+    go = torch.randn_like(out)
+    bwd_args = (go, q.detach(), k.detach(), v.detach(), None, None, out.detach(), lse, 0.25, 0.0, float("-inf"),
+                None, kw["hi"], 16, 16)
+    torch.library.opcheck(torch.ops.fa_dynamo.attention_triton_backward.default, bwd_args, ids)
+
+
 # --- per-architecture configs -------------------------------------------------------------------
 
 
@@ -342,9 +395,10 @@ assert not ta.INTERPRETED
 backend, arch, kernel, dtype = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 fn = {"fwd": ta._attn_fwd, "dkdv": tb._attn_bwd_dkdv, "dq": tb._attn_bwd_dq}[kernel]
 consts = dict(HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, HAS_LO=True, HAS_HI=True, HAS_BIAS=True,
-              HAS_MASK=True, SOFTCAP=True, LIBDEVICE=True, DOT_F32=False,
+              HAS_MASK=True, HAS_SEG=True, SOFTCAP=True, LIBDEVICE=True, DOT_F32=False,
               PRECISION="ieee" if dtype == "fp32" else None, BLOCK_M=64 if kernel == "fwd" else 32, BLOCK_N=32)
-pointers = {"Mask": "*u8", "Lse": "*fp32", "Delta": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32"}
+pointers = {"Mask": "*u8", "QSeg": "*i64", "KSeg": "*i64", "Lse": "*fp32", "Delta": "*fp32", "DQ": "*fp32",
+            "DK": "*fp32", "DV": "*fp32"}
 signature = {n: "constexpr" if n in consts else pointers.get(n, f"*{dtype}") if n[0].isupper() and n not in
              ("Q_CLASS", "K_CLASS") else "fp32" if n in ("scale", "softcap") else "i32" for n in fn.arg_names}
 target = GPUTarget(backend, int(arch) if backend == "cuda" else arch, 32 if backend == "cuda" else 64)

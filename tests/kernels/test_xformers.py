@@ -22,7 +22,9 @@ import torch
 from fa_dynamo.kernels import xformers_dispatch as xd
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention
+from fa_dynamo.kernels.segments import Segments
 from tests.kernels.test_ops import _case, _check_accuracy
+from tests.kernels.test_segments import hidden_of, segment_ids
 
 
 def _documented(query, key, value, attn_bias=None, p=0.0, scale=None, *, op=None, output_dtype=None):
@@ -209,3 +211,13 @@ def test_real_xformers():
             kw.update(lo=lo, hi=hi)
         out, lse = _run(q, k, v, kw, shape[5] ** -0.5)
         _check_accuracy(out.cpu(), q.cpu(), k.cpu(), v.cpu(), {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()}, shape[5] ** -0.5)
+
+
+def test_segments_reach_xformers_as_a_dense_bias(fake_xformers):
+    """No BlockDiagonalMask mapping yet: segment ids are materialized by the shared fallback."""
+    q, k, v, kw = _case((2, 4, 2, 20, 20, 16, 16), F32, "causal", seed=4)
+    q_ids, k_ids = segment_ids("packed", 2, 20, 20, seed=6)
+    out, _ = xd.attention_xformers(q, k, v, None, None, scale=0.25, softcap=0.0, fill=float("-inf"),
+                                   band=Band(None, kw["hi"]), block_q=16, block_k=16, segments=Segments(q_ids, k_ids))
+    assert isinstance(fake_xformers[-1]["attn_bias"], torch.Tensor)
+    _check_accuracy(out, q, k, v, {**kw, "mask": hidden_of(q_ids, k_ids)}, 0.25)

@@ -16,7 +16,9 @@ Cases, by kind of family:
 =========  ==============================================================================
 decoder    ``nopad``, ``pad_left``, ``pad_right`` (prefill of SEQ tokens; row 1 padded),
            ``decode``, ``decode_pad_left`` (one new token after an eager prefill whose
-           ``cache`` comes from ``use_cache=True``)
+           ``cache`` comes from ``use_cache=True``); families that list it also run
+           ``packed`` (several sequences per row: ``position_ids`` restart, no cache, as in
+           packed training batches — transformers then masks each sequence separately)
 encoder    ``nopad``, ``pad_right``
 seq2seq    ``nopad``, ``pad_right`` (encoder and decoder right-padded), ``decode`` (one
            decoder token against the cached self- and cross-attention keys)
@@ -43,6 +45,8 @@ HEAD_DIM = HIDDEN // HEADS
 INIT = 0.2  # 10x the usual 0.02: scores of order 1, attention far from uniform
 BATCH, SEQ, PAD = 2, 37, 7  # odd length; row 1 of the batch has PAD padding tokens
 WINDOW = 8  # sliding windows (Mistral, Gemma2) much shorter than SEQ
+CHUNK = 8  # Llama 4's attention chunks: SEQ spans several
+PACKED = ((10, 15, 12), (20, 17))  # lengths of the sequences packed into each batch row (each sums to SEQ)
 IMAGE, PATCH = 16, 4  # 16 patches (+ class token)
 MEL_BINS, AUDIO_FRAMES = 16, 32  # Whisper: 2 * max_source_positions frames
 _PATCH_TOKENS = (IMAGE // PATCH) ** 2 + 1
@@ -80,13 +84,14 @@ class Family:
     build: Callable[[], torch.nn.Module] = field(repr=False)
     pad_token_id: int = 0
     note: str = ""  # what this family brings to the corpus
+    extra_cases: tuple[str, ...] = ()  # cases beyond its kind's (``packed``)
 
     @property
     def cases(self) -> tuple[str, ...]:
         return {
             "decoder": DECODER_CASES, "encoder": ENCODER_CASES, "seq2seq": SEQ2SEQ_CASES,
             "vision": VISION_CASES, "clip": CLIP_CASES,
-        }[self.kind]
+        }[self.kind] + self.extra_cases
 
 
 # --- builders ---------------------------------------------------------------------------------
@@ -102,6 +107,15 @@ _LLAMA_LIKE = dict(
 
 def _llama():
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA_LIKE, num_key_value_heads=2))
+
+
+def _llama4():  # chunked attention (chunks of CHUNK tokens) and full attention alternating, no MoE
+    config = transformers.Llama4TextConfig(
+        **_LLAMA_LIKE, num_key_value_heads=2, head_dim=HEAD_DIM, intermediate_size_mlp=2 * HIDDEN,
+        num_local_experts=2, moe_layers=[], attention_chunk_size=CHUNK,
+        layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0],
+    )
+    return transformers.Llama4ForCausalLM(config)
 
 
 def _mistral():
@@ -283,7 +297,8 @@ def _clip():  # causal (+ padding) text tower and an unmasked vision tower
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llama", "decoder", _llama, note="GQA (2 query heads per kv head)"),
+        Family("llama", "decoder", _llama, note="GQA (2 query heads per kv head)", extra_cases=("packed",)),
+        Family("llama4", "decoder", _llama4, note=f"chunked attention ({CHUNK}-token chunks) / full alternating"),
         Family("mistral", "decoder", _mistral, note=f"GQA, sliding window {WINDOW} < {SEQ} tokens"),
         Family("qwen2", "decoder", _qwen2, note="GQA, q/k/v biases"),
         Family("qwen3", "decoder", _qwen3, note="GQA, q/k RMS norm"),
@@ -346,6 +361,10 @@ def _decoder_case(fam: Family, model, case: str) -> Case:
     if case in ("pad_left", "pad_right"):
         ids, mask = _padded(_ids(), case.split("_")[1], fam.pad_token_id)
         return Case(fam.name, case, model, _fixed({"input_ids": ids, "attention_mask": mask}), logits, mask.bool())
+    if case == "packed":
+        positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in PACKED])
+        inputs = {"input_ids": _ids(), "position_ids": positions, "use_cache": False}
+        return Case(fam.name, case, model, _fixed(inputs), logits, _all_valid(BATCH, SEQ))
     if case in ("decode", "decode_pad_left"):
         prompt = {"input_ids": _ids()}
         if case == "decode_pad_left":

@@ -1,0 +1,36 @@
+"""Segment masks on real models: packed-sequence Llama and Llama 4's chunked attention compile to
+``fa_dynamo::attention`` with ``q_segments``/``k_segments`` and a causal band, and no Sq×Sk
+tensor is left in the compiled graph; outputs equal eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tests.models.corpus import SEQ, build_case  # noqa: E402
+from tests.models.measure import ATTENTION_OP, measure_fastattention  # noqa: E402
+
+
+def _square(node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[-2:]) == (SEQ, SEQ)
+
+
+@pytest.mark.parametrize("family, case, with_segments", [
+    ("llama", "packed", 2),  # both layers: several sequences per row
+    ("llama4", "nopad", 1),  # the chunked layer (the other one is full attention)
+    ("llama4", "pad_left", 1),  # chunks counted from each row's first token
+])
+def test_segments_replace_the_square_mask(family, case, with_segments):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = measure_fastattention(build_case(family, case))
+    torch.testing.assert_close(m.actual[m.valid], m.expected[m.valid], atol=1e-4, rtol=1e-4)
+    assert m.fused == m.sites == 2
+    ops = [n for gm in m.afters for n in gm.graph.nodes if n.target is ATTENTION_OP]
+    assert sum(n.kwargs.get("q_segments") is not None for n in ops) == with_segments
+    assert all(n.args[9] == 0 for n in ops), "the causal band is lifted"
+    squares = [n.format_node() for gm in m.afters for n in gm.graph.nodes if _square(n)]
+    assert not squares, f"Sq×Sk tensors left in the compiled graph: {squares}"

@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.logs import log
@@ -37,7 +38,7 @@ from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.attention_rewrite import is_metadata_read, rewrite
 from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
 from fa_dynamo.passes.score_chain import fold_events
-from fa_dynamo.passes.manual_softmax import canonicalize_manual_softmax
+from fa_dynamo.passes.manual_softmax import _row_max_of, canonicalize_manual_softmax
 from fa_dynamo.passes.matching import (
     aten, describe, dtype, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, python_scalar,
     round_to, shape, val, writes_between,
@@ -71,10 +72,15 @@ class AttentionPass(GraphPass):
         graph = gm.graph
         for where in canonicalize_manual_softmax(gm):
             log.debug("fa_dynamo: hand-written softmax at %s read as aten.softmax", where)
+        _type_as_to_dtype(graph)
         mutated = frozenset(mutated_nodes(graph))
         stale = _apply_autocast(gm)
         for softmax in list(graph.nodes):
             if not is_op(softmax, aten.softmax, aten._softmax) or softmax.graph is not graph:
+                continue
+            if not _is_candidate(softmax):
+                log.debug("fa_dynamo: %s is not attention (no Q·Kᵀ behind it or no P·V after it)",
+                          describe(softmax))
                 continue
             try:
                 site = _match(softmax, mutated)
@@ -88,6 +94,50 @@ class AttentionPass(GraphPass):
                 continue
             report.sites.append(SiteReport(describe(softmax), True, mask=_mask_kind(site), kernel=config.kernel))
             graph.eliminate_dead_code()
+
+
+def _type_as_to_dtype(graph: fx.Graph) -> None:
+    """``x.type_as(y)`` with x, y on one device → ``x.to(y.dtype)``: it reads only y's dtype, and
+    y may then be scores the site consumes (LongT5: ``softmax(s.float()).type_as(s)``)."""
+    for node in list(graph.nodes):
+        if not is_op(node, aten.type_as) or node.kwargs:
+            continue
+        x, y = (val(a) for a in node.args)
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.device == y.device:
+            node.target, node.args = aten.to.dtype, (node.args[0], y.dtype)
+
+
+# Weight matmuls: what a softmax over their output computes is not attention (an MoE router).
+_LINEAR = (aten.linear, aten.addmm, aten.mm)
+# Ops attention probabilities pass on their way to P·V (the near-misses included).
+_PROBS_CHAIN = (*_CASTS, *_IDENTITIES, *_VIEWS, *_MUL, *_DIV, *_MASKED_FILL, aten.where, aten.expand,
+                aten.dropout, aten.slice, aten.narrow)
+
+
+def _is_candidate(softmax: fx.Node) -> bool:
+    """A softmax with a Q·Kᵀ-like matmul behind it (through any ops but a linear layer) and a
+    matmul after it (through the ops a probability chain is made of). Others (MoE routers:
+    ``softmax(linear(h))`` → ``topk``) are not attention and not reported as sites."""
+    return (_reaches(softmax.args[0], lambda n: n.all_input_nodes, _is_qk_matmul,
+                     lambda n: not is_op(n, *_LINEAR), depth=12)
+            and _reaches(softmax, lambda n: list(n.users), _is_scores_matmul,
+                         lambda n: n is softmax or is_op(n, *_PROBS_CHAIN), depth=8))
+
+
+def _reaches(start: fx.Node, step, found, passes, depth: int) -> bool:
+    """Breadth-first from ``start`` along ``step``: a node ``found`` within ``depth`` hops,
+    going on only through call_function nodes that ``passes``."""
+    frontier, seen = [start], {start}
+    for _ in range(depth):
+        next_frontier = []
+        for node in frontier:
+            if found(node):
+                return True
+            if node.op == "call_function" and passes(node):
+                next_frontier += [n for n in step(node) if n not in seen]
+                seen.update(next_frontier)
+        frontier = next_frontier
+    return False
 
 
 def _is_autocast(node: fx.Node, name: str) -> bool:
@@ -164,7 +214,7 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
     if rank < 2 or normalize_dim(softmax.args[1], rank) != rank - 1:
         raise NotFusable("softmax is not over the last dim")
     reads: list[fx.Node] = []  # users of the scores or probabilities that read only metadata
-    events, qk = _walk_scores(x, reads)
+    events, qk, sink = _walk_scores(x, reads)
     if is_op(qk, aten.baddbmm):  # beta * bias + alpha * (q @ kᵀ)
         beta, alpha = qk.kwargs.get("beta", 1), qk.kwargs.get("alpha", 1)
         if beta not in (0, 1) or (python_scalar(alpha) is None and not is_symbolic_scalar(alpha)):
@@ -172,13 +222,15 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
         bias = qk.args[0]
         zeros = is_op(bias, aten.zeros, aten.new_zeros) or (is_op(bias, aten.full) and bias.args[1] == 0)
         events = [("scale", (alpha, 1))] + ([("bias", bias, qk)] if beta == 1 and not zeros else []) + events
-    pv = _walk_probs(softmax, reads)
+    pv = _walk_probs(softmax, reads, with_sink=sink is not None)
     site = Site(softmax, qk, pv, mutated=mutated, metadata_reads=reads)
     _read_qk(site)
     _read_pv(site)
     if {site.q.node, site.k.node} & writes_between(qk, pv):
         raise NotFusable("q or k is modified in place between Q·Kᵀ and P·V")
     fold_events(site, events)
+    if sink is not None:
+        _check_sink(site, *sink)
     return site
 
 
@@ -229,15 +281,27 @@ def _dense_users(node: fx.Node, reads: list) -> list[fx.Node]:
     return [u for u in node.users if not is_metadata_read(u)]
 
 
-def _walk_scores(x: fx.Node, reads: list) -> tuple[list, fx.Node]:
-    """Score-chain events from the softmax input back to the Q·Kᵀ matmul (in forward order)."""
+def _walk_scores(x: fx.Node, reads: list) -> tuple[list, fx.Node, Optional[tuple[fx.Node, fx.Node]]]:
+    """Score-chain events from the softmax input back to the Q·Kᵀ matmul (in forward order),
+    and the sink column concatenated to the scores as ``(scores before the cat, sink)``."""
     events: list = []
     node = x
+    at_softmax = True  # only casts and views so far: a row-max subtraction or a sink may sit here
+    row_max, sink = None, None  # the row max read off ``node`` (its second user) and the sink
     while True:
-        if len(_dense_users(node, reads)) != 1:
+        if len([u for u in _dense_users(node, reads) if u is not row_max]) != 1:
             raise NotFusable(f"the scores ({node.name}) are also used outside the attention")
+        row_max = None
         if _is_qk_matmul(node):
             break
+        if at_softmax and (peeled := _row_max_subtracted(node)) is not None:
+            node, row_max = peeled
+            continue
+        if at_softmax and is_op(node, aten.cat):
+            sink = _sink_column(node)
+            node, at_softmax = sink[0], False
+            continue
+        at_softmax = at_softmax and is_op(node, *_CASTS, *_IDENTITIES, *_VIEWS)
         if is_op(node, *_CASTS):
             if not (dtype(node) and dtype(node).is_floating_point):
                 raise NotFusable("the scores are cast to a non-float dtype")
@@ -285,7 +349,48 @@ def _walk_scores(x: fx.Node, reads: list) -> tuple[list, fx.Node]:
         else:
             raise NotFusable(f"{node.target} between Q·Kᵀ and softmax is not understood")
     events.reverse()
-    return events, node
+    return events, node, sink
+
+
+def _row_max_subtracted(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """``s - s.max(-1, keepdim=True).values`` (or ``s.amax(-1, keepdim=True)``) → ``(s, the
+    reduction reading s)``. Right before softmax it changes nothing: softmax is invariant to a
+    per-row constant (a row of -inf gives NaN either way)."""
+    if not is_op(node, aten.sub) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    s, m = node.args
+    if not isinstance(s, fx.Node) or not isinstance(m, fx.Node) or not _row_max_of(m, s, len(shape(s) or ())):
+        return None
+    reduce = next((r for r in s.users if is_op(r, aten.amax, aten.max)), None)
+    return None if reduce is None else (s, reduce)
+
+
+def _sink_column(cat: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``cat([s, sinks.reshape(1, -1, 1, 1).expand(B, -1, Sq, 1)], -1)`` → ``(s, the sinks)``:
+    one extra key whose logit depends only on the batch/head (gpt-oss's attention sinks)."""
+    tensors, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    rank = len(shape(cat) or ())
+    if normalize_dim(dim, rank) != rank - 1 or len(tensors) != 2 or shape(tensors[1])[-1] != 1:
+        raise NotFusable("a cat onto the scores other than one sink column after the keys")
+    column = tensors[1]
+    sink = column.args[0] if is_op(column, aten.expand) else column
+    if not (dtype(sink) and dtype(sink).is_floating_point) or len(shape(sink)) > rank or \
+            tuple(shape(sink)[-2:]) != (1, 1):
+        raise NotFusable(f"the column concatenated to the scores ({column.name}) varies along the queries: not a sink")
+    return tensors[0], sink
+
+
+def _check_sink(site: Site, scores: fx.Node, sink: fx.Node) -> None:
+    """The sink column must be appended in the op's batch layout and broadcast over it."""
+    batch = tuple(shape(site.batch_view if site.batch_view is not None else site.qk)[:-2])
+    if tuple(shape(scores)[:-2]) != batch:
+        raise NotFusable("the sink column is concatenated at another batch layout than the masks")
+    sink_batch = tuple(shape(sink)[:-2])
+    if len(sink_batch) > len(batch) or any(d != 1 and d != b for d, b in zip(reversed(sink_batch), reversed(batch))):
+        raise NotFusable(f"the sinks {tuple(shape(sink))} do not broadcast to the scores' batch dims {batch}")
+    if sink in writes_between(site.qk, site.pv):
+        raise NotFusable(f"{sink.name} is modified in place after the scores read it")
+    site.sink = sink
 
 
 def _fill_value(arg: Any, scores_dtype: torch.dtype) -> float:
@@ -320,14 +425,17 @@ def _softcap(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
     return inner[0], abs(cap)  # tanh is odd: tanh(s / -c) * -c == tanh(s / c) * c
 
 
-def _walk_probs(softmax: fx.Node, reads: list) -> fx.Node:
-    node, coarsest = softmax, dtype(softmax)
+def _walk_probs(softmax: fx.Node, reads: list, with_sink: bool) -> fx.Node:
+    """Forward from softmax to P·V; with a sink, through the slice that drops its column."""
+    node, coarsest, sink_dropped = softmax, dtype(softmax), not with_sink
     while True:
         users = _dense_users(node, reads)
         user = users[0] if len(users) == 1 else None
         if user is None:
             raise NotFusable("the attention probabilities are also used outside the attention")
         if _is_scores_matmul(user):
+            if not sink_dropped:
+                raise NotFusable("the sink column's probability reaches P·V (no slice drops it)")
             first = user.args[1][0] if is_op(user, aten.einsum) else user.args[0]
             if first is not node:
                 raise NotFusable("the probabilities are the second matmul operand (P is not multiplied into V)")
@@ -343,9 +451,32 @@ def _walk_probs(softmax: fx.Node, reads: list) -> fx.Node:
         elif is_op(user, *_VIEWS):
             if shape(user)[-2:] != shape(node)[-2:]:
                 raise NotFusable("a view reshapes the query/key dims of the probabilities")
+        elif not sink_dropped and _drops_last_column(user):
+            sink_dropped = True
+        elif is_op(user, aten.slice, aten.narrow):
+            raise NotFusable("a slice of the probabilities other than dropping a sink column")
         elif not is_op(user, *_CASTS, *_IDENTITIES):
             raise NotFusable(f"{user.target} is applied to the probabilities")
         node = user
+
+
+def _drops_last_column(node: fx.Node) -> bool:
+    """``p[..., :-1]`` (``slice(p, -1, 0, -1)``) or ``p.narrow(-1, 0, n - 1)``."""
+    if not is_op(node, aten.slice, aten.narrow):
+        return False
+    p = node.args[0]
+    rank, size = len(shape(p)), shape(p)[-1]
+    args = list(node.args[1:]) + [None] * 4
+    if normalize_dim(args[0] if args[0] is not None else 0, rank) != rank - 1 or args[1] not in (None, 0):
+        return False
+    if is_op(node, aten.narrow):
+        return args[2] is not None and _same(args[2], size - 1)
+    return (args[3] in (None, 1)) and args[2] is not None and (args[2] == -1 or _same(args[2], size - 1))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Sizes known equal (ints, or symbolic sizes) without adding a guard."""
+    return isinstance(a, (int, torch.SymInt)) and statically_known_true(a == b)
 
 
 def _peel_scales(node: fx.Node, site: Site) -> fx.Node:

@@ -250,6 +250,8 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
             _emit_segments(graph, site, segments, sizes, q, k),
         )
         out = graph.call_function(operator.getitem, (op, 0))
+        if site.sink is not None:
+            out = _with_sink(graph, op, out, site.sink, op_dtype)
         for _ in range(2 - len(batch)):
             out = graph.call_function(aten.squeeze.dim, (out, 0))
         if out_layout == "flatten":
@@ -262,6 +264,21 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
             out = graph.call_function(aten.to.dtype, (out, dtype(pv)))
     _type_check(anchor, pv, out)
     pv.replace_all_uses_with(out)
+
+
+def _with_sink(graph: fx.Graph, op: fx.Node, out: fx.Node, sink: fx.Node, out_dtype: torch.dtype) -> fx.Node:
+    """The op's ``[B, H, Sq, Dv]`` output as eager gives it with a sink logit appended as one
+    more key and its probability dropped (gpt-oss): the sink only adds ``exp(sink)`` to each
+    row's normalizer, so every probability shrinks by ``Z / (Z + exp(sink)) = sigmoid(lse - sink)``,
+    computed in float32 like the log-sum-exp. A row with no visible key (lse = -inf, NaN from
+    the op) gives 0: the sink takes all the probability."""
+    call = graph.call_function
+    lse = call(aten.unsqueeze.default, (call(operator.getitem, (op, 1)), -1))  # [B, H, Sq, 1] float32
+    sink = call(aten.to.dtype, (_to_4d(graph, sink), torch.float32))
+    shrink = call(aten.sigmoid.default, (call(aten.sub.Tensor, (lse, sink)),))
+    scaled = call(aten.mul.Tensor, (out, shrink))
+    scaled = call(aten.where.ScalarSelf, (call(aten.isneginf.default, (lse,)), 0.0, scaled))
+    return call(aten.to.dtype, (scaled, out_dtype))
 
 
 def _type_check(anchor: fx.Node, pv: fx.Node, out: fx.Node) -> None:

@@ -50,3 +50,4 @@ class Site:
     mutated: frozenset = frozenset()  # nodes written in place somewhere: never read around them
     relayout: set = field(default_factory=set)  # biases to reshape to the op's batch layout
     metadata_reads: list[fx.Node] = field(default_factory=list)  # size/dtype reads of scores or probs
+    sink: Optional[fx.Node] = None  # per-head sink logits (gpt-oss), broadcastable to [*batch, 1, 1]

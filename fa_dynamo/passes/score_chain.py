@@ -7,6 +7,7 @@ recognized (``mask_lifting``) become the band, the rest stay dense tensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -15,7 +16,7 @@ import torch.fx as fx
 
 from fa_dynamo.passes.attention_site import NotFusable, Site
 from fa_dynamo.passes.mask_lifting import Offset, lift_hidden_set
-from fa_dynamo.passes.matching import dtype, round_to, shape, writes_between
+from fa_dynamo.passes.matching import aten, dtype, round_to, shape, writes_between
 
 # A finite additive mask value this negative absorbs any score in float32/bfloat16
 # (s + v == v), so adding it is the same as replacing the score by it.
@@ -24,10 +25,10 @@ _ABSORBING = -1e30
 
 def fold_events(site: Site, events: list) -> None:
     """Check the chain is ``scale* → softcap? → (bias | fill)*`` and collect the pieces."""
+    events = _finite_fills_as_biases(site, events)
     stage = 0  # 0: scaling allowed, 1: after softcap, 2: after a bias or fill
     site.batch_view = _mask_layout(site.qk, events)
     layout = site.qk  # the node whose shape is the scores' layout at this point of the chain
-    seen_fill = False
     other_biases = sum(e[0] == "bias" for e in events) - 1
     for event in events:
         kind = event[0]
@@ -52,12 +53,52 @@ def fold_events(site: Site, events: list) -> None:
         if event[1] in writes_between(event[-1], site.pv):
             raise NotFusable(f"{event[1].name} is modified in place after the scores read it")
         if kind == "bias":
-            if seen_fill and site.fill != float("-inf"):
-                raise NotFusable("a bias is added after the scores were filled with a finite value")
             _add_bias(site, event[1], event[2], shape(layout), other_biases=other_biases)
         else:
-            seen_fill = True
             _add_fill(site, event[1], event[2], event[3], shape(layout))
+
+
+def _finite_fills_as_biases(site: Site, events: list) -> list:
+    """A finite fill followed by a bias (GPT-Neo: ``where(causal, s, finfo.min) + mask``) as
+    one more bias: ``where(c, s, v) + b == s + (where(c, 0, v) + b)`` in float32/bfloat16 when v
+    absorbs any score (v <= -1e30: s + v == v). Where c hides, both give v + b, so a 0/v mask
+    adding v there gives -inf in both (v + v overflows) and a row hidden everywhere averages the
+    keys that hold v, as eager does. The op replaces by its fill after adding its biases, so a
+    finite fill before a bias can only be passed as a bias; a bias before it would then be added
+    where eager replaced it, so that stays unfused."""
+    last_bias = max((i for i, e in enumerate(events) if e[0] == "bias"), default=-1)
+    folded = []
+    for i, event in enumerate(events):
+        if event[0] != "fill" or i > last_bias or event[3] == float("-inf"):
+            folded.append(event)
+            continue
+        _, cond, hidden_where_true, value, fill_node = event
+        scores_dtype = dtype(fill_node)
+        if value > _ABSORBING or scores_dtype not in (torch.float32, torch.bfloat16):
+            raise NotFusable("a bias is added after the scores were filled with a finite value")
+        if any(e[0] == "bias" for e in events[:i]):
+            raise NotFusable("biases are added both before and after a finite fill of the scores")
+        if dtype(cond) != torch.bool:
+            raise NotFusable("masked_fill/where with a non-bool condition")
+        if cond in writes_between(fill_node, site.pv):
+            raise NotFusable(f"{cond.name} is modified in place after the scores read it")
+        folded.append(("bias", _fill_as_bias(cond, hidden_where_true, value, scores_dtype, fill_node), fill_node))
+    return folded
+
+
+def _fill_as_bias(cond: fx.Node, hidden_where_true: bool, value: float, scores_dtype, before: fx.Node) -> fx.Node:
+    """``where(cond, value, 0)`` (or ``where(cond, 0, value)``) in the scores' dtype, with its ``val``."""
+    graph = before.graph
+    values = (value, 0.0) if hidden_where_true else (0.0, value)
+    mode = torch._guards.detect_fake_mode([cond.meta.get("val")])
+    with graph.inserting_before(before), mode or contextlib.nullcontext():
+        bias = graph.call_function(aten.where.Scalar, (cond, *values))
+        bias.meta["val"] = torch.where(cond.meta["val"], *values)
+        if scores_dtype != torch.float32:
+            cast = graph.call_function(aten._to_copy.default, (bias,), {"dtype": scores_dtype})
+            cast.meta["val"] = bias.meta["val"].to(scores_dtype)
+            bias = cast
+    return bias
 
 
 def _mask_layout(qk: fx.Node, events: list) -> Optional[fx.Node]:

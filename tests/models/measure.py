@@ -29,10 +29,11 @@ aten = torch.ops.aten
 ATTENTION_OP = torch.ops.fa_dynamo.attention.default
 _SOFTMAXES = (aten.softmax, aten._softmax, aten._safe_softmax)
 _MATMULS = (aten.matmul, aten.bmm, aten.einsum, aten.baddbmm)
-# Ops the probabilities may pass through on their way to P·V.
+# Ops the probabilities may pass through on their way to P·V (slices: gpt-oss drops its sink column).
 _PASS_THROUGH = (
     aten.dropout, aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias,
     aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.expand,
+    aten.slice, aten.narrow,
 )
 # Softmax spellings in a Dynamo (torch-level) graph, for graphs the backend could not normalize.
 _TORCH_SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, torch._softmax)
@@ -56,7 +57,7 @@ def _reaches_matmul(node: fx.Node, depth: int = 8) -> bool:
 
 
 def attention_sites(gm: fx.GraphModule) -> list[fx.Node]:
-    """Softmaxes over the last dim whose output reaches a matmul (through casts, views, dropout)."""
+    """Softmaxes over the last dim whose output reaches a matmul (through casts, views, slices, dropout)."""
     sites = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or _packet(node) not in _SOFTMAXES:

@@ -452,3 +452,238 @@ def test_permute_that_is_not_a_transpose_is_exact():
     q, k, v = _qkv(h=4, sq=4, sk=4)
     compiled = Compiled(permute_not_transpose)
     assert_same_as_eager(compiled(q, k, v), permute_not_transpose(q, k, v))
+
+
+# --- GPT-Neo: a finite fill, then an additive 0/finfo.min mask --------------------------------
+
+MIN = torch.finfo(torch.float32).min
+
+
+def _keep_left_padded(b, s, pad=7):
+    """Key padding: row 1 has ``pad`` padding tokens on the left, so its first queries see no key."""
+    keep = torch.ones(b, s, dtype=torch.bool)
+    keep[1, :pad] = False
+    return keep
+
+
+def _visible(sq, sk, window=None):
+    i = torch.arange(sk - sq, sk)[:, None]
+    j = torch.arange(sk)[None, :]
+    return (j <= i) if window is None else (j <= i) & (j > i - window)
+
+
+def gpt_neo_attn(q, k, v, buffer, keep, masked):
+    """GPT-Neo's ``_attn``: fp32 scores without 1/√d, the layer's bool buffer (causal or local
+    window) filled with finfo.min, then the model's additive causal+padding mask."""
+    s = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2))
+    ql, kl = q.size(-2), k.size(-2)
+    causal = buffer[:, :, kl - ql:kl, :kl]
+    s = torch.where(causal, s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype))
+    s = s + torch.where(_visible(ql, kl) & keep[:, None, None, :], 0.0, masked)
+    return torch.softmax(s, dim=-1).to(v.dtype) @ v
+
+
+@pytest.mark.parametrize("window", [None, 8], ids=["global", "local"])
+@pytest.mark.parametrize("masked", [MIN, NEG_INF], ids=["finfo_min", "neg_inf"])
+@pytest.mark.parametrize("sq", [37, 1], ids=["prefill", "decode"])
+def test_fill_then_absorbing_mask_fuses_with_fully_masked_rows(window, masked, sq):
+    """Rows whose keys are all padding: eager averages the keys that hold one finfo.min (not
+    the min + min = -inf ones), or gives NaN where everything is -inf; the op must match."""
+    q, k, v = _qkv(sq=sq, sk=37)
+    buffer = _visible(64, 64, window)[None, None]
+    keep = _keep_left_padded(2, 37, pad=7 if sq > 1 else 37)
+    compiled = Compiled(gpt_neo_attn)
+    out, ref = compiled(q, k, v, buffer, keep, masked), gpt_neo_attn(q, k, v, buffer, keep, masked)
+    assert_same_as_eager(out, ref)
+    assert compiled.fused == 1, compiled.refused
+    assert ref[1].isnan().any() == (masked == NEG_INF), "the test must reach fully masked rows"
+
+
+def bf16_fill_then_mask(q, k, v, keep):  # bfloat16's own finfo.min: the bias is built in bfloat16
+    s = q @ k.mT * 0.25
+    low = torch.finfo(s.dtype).min
+    s = s.masked_fill(~_visible(q.shape[-2], k.shape[-2]), low)
+    return torch.softmax(s + torch.where(keep[:, None, None, :], 0.0, low).to(s.dtype), -1) @ v
+
+
+def test_bfloat16_fill_then_absorbing_mask():
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    keep = _keep_left_padded(2, 37)
+    compiled = Compiled(bf16_fill_then_mask)
+    assert_same_as_eager(compiled(q, k, v, keep), bf16_fill_then_mask(q, k, v, keep))
+    assert compiled.fused == 1, compiled.refused
+
+
+def finite_fill_then_bias(q, k, v):  # -1e4 does not absorb the scores: s + v is not v
+    s = (q @ k.mT).masked_fill(~_visible(q.shape[-2], k.shape[-2]), -1e4)
+    return torch.softmax(s + q.mean(-1, keepdim=True), -1) @ v
+
+
+def bias_before_and_after_fill(q, k, v):  # eager replaces the first bias where it fills
+    s = (q @ k.mT) + q.mean(-1, keepdim=True)
+    s = s.masked_fill(~_visible(q.shape[-2], k.shape[-2]), MIN)
+    return torch.softmax(s + k.mean(-1)[:, :, None, :], -1) @ v
+
+
+# --- gpt-oss: attention sinks ---------------------------------------------------------------
+
+def gpt_oss_attn(q, k, v, sinks, keep, masked, row_max="max"):
+    """transformers' gpt-oss ``eager_attention_forward`` (GQA through repeat_kv)."""
+    groups = q.shape[1] // k.shape[1]
+    key, value = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    s = torch.matmul(q, key.transpose(2, 3)) * q.shape[-1] ** -0.5
+    s = s + torch.where(_visible(q.shape[-2], k.shape[-2]) & keep[:, None, None, :], 0.0, masked)
+    column = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+    combined = torch.cat([s, column], dim=-1)
+    if row_max == "max":
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+    elif row_max == "amax":
+        combined = combined - combined.amax(-1, keepdim=True)
+    probs = F.softmax(combined, dim=-1, dtype=combined.dtype)
+    return torch.matmul(probs[..., :-1].to(value.dtype), value)
+
+
+@pytest.mark.parametrize("row_max", ["max", "amax", None])
+@pytest.mark.parametrize("masked", [MIN, NEG_INF], ids=["finfo_min", "neg_inf"])
+@pytest.mark.parametrize("sq", [37, 1], ids=["prefill", "decode"])
+def test_attention_sinks_fuse_with_fully_masked_rows(row_max, masked, sq):
+    """A row with no visible key gives 0 (the sink takes all the probability)."""
+    q, k, v = _qkv(h=4, hkv=2, sq=sq, sk=37)
+    sinks = torch.randn(4) * 2
+    keep = _keep_left_padded(2, 37, pad=7 if sq > 1 else 37)
+    compiled = Compiled(gpt_oss_attn)
+    out, ref = compiled(q, k, v, sinks, keep, masked, row_max), gpt_oss_attn(q, k, v, sinks, keep, masked, row_max)
+    assert_same_as_eager(out, ref)
+    assert compiled.fused == 1, compiled.refused
+    assert (ref[1, :, 0] == 0).all() and ref[0].abs().min() > 0, "the test must reach fully masked rows"
+
+
+def test_attention_sinks_bfloat16():
+    q, k, v = _qkv(h=4, hkv=2, dtype=torch.bfloat16)
+    sinks, keep = torch.randn(4, dtype=torch.bfloat16), _keep_left_padded(2, 37)
+    compiled = Compiled(gpt_oss_attn)
+    assert_same_as_eager(compiled(q, k, v, sinks, keep, MIN), gpt_oss_attn(q, k, v, sinks, keep, MIN))
+    assert compiled.fused == 1, compiled.refused
+
+
+def row_max_subtracted(q, k, v):  # no sink: softmax ignores the per-row constant
+    s = q @ k.mT * 0.25
+    return torch.softmax(s - s.amax(-1, keepdim=True), -1) @ v
+
+
+def test_row_max_subtraction_is_a_softmax_no_op():
+    q, k, v = _qkv()
+    compiled = Compiled(row_max_subtracted)
+    assert_same_as_eager(compiled(q, k, v), row_max_subtracted(q, k, v))
+    assert compiled.fused == 1, compiled.refused
+
+
+def column_varying_along_queries(q, k, v):
+    s = torch.cat([q @ k.mT, q[..., :1]], -1)
+    return torch.softmax(s, -1)[..., :-1] @ v
+
+
+def sink_probability_kept(q, k, v):
+    s = torch.cat([q @ k.mT, torch.ones(1, 1, 1, 1).expand(*q.shape[:-1], 1)], -1)
+    return torch.softmax(s, -1) @ torch.cat([v, v[:, :, :1]], -2)
+
+
+def row_max_before_a_mask(q, k, v):  # the fill is not shifted by the row max: not a no-op
+    s = q @ k.mT
+    s = (s - s.amax(-1, keepdim=True)).masked_fill(~_visible(q.shape[-2], k.shape[-2]), -30.0)
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize(
+    "fn, reason",
+    [(finite_fill_then_bias, "filled with a finite value"), (bias_before_and_after_fill, "before and after"),
+     (column_varying_along_queries, "varies along the queries"), (sink_probability_kept, "reaches P·V"),
+     (row_max_before_a_mask, "aten.sub")],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_survey_near_misses_stay_unfused_with_the_reason(fn, reason):
+    q, k, v = _qkv()
+    compiled = Compiled(fn)
+    assert_same_as_eager(compiled(q, k, v), fn(q, k, v))
+    assert compiled.fused == 0
+    assert len(compiled.refused) == 1 and reason in compiled.refused[0][1], compiled.refused
+
+
+# --- not attention: MoE routers; LongT5's dtype-only read of the scores ----------------------
+
+def moe_router(h, w):
+    probs = F.softmax(F.linear(h, w), dim=-1, dtype=torch.float)
+    weights, experts = torch.topk(probs, 2, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), experts
+
+
+def test_router_softmax_is_not_an_attention_site():
+    h, w = torch.randn(2, 37, 64), torch.randn(8, 64)
+    compiled = Compiled(moe_router)
+    for a, b in zip(compiled(h, w), moe_router(h, w)):
+        torch.testing.assert_close(a, b)
+    sites = [s for reports in compiled.backend.reports for rep in reports if rep.name == "attention" for s in rep.sites]
+    assert sites == []
+
+
+def softmax_float_type_as(q, k, v):  # LongT5
+    s = torch.matmul(q, k.transpose(3, 2))
+    return torch.matmul(F.softmax(s.float(), dim=-1).type_as(s), v)
+
+
+def test_dtype_only_read_of_the_scores_fuses():
+    q, k, v = _qkv()
+    compiled = Compiled(softmax_float_type_as)
+    assert_same_as_eager(compiled(q, k, v), softmax_float_type_as(q, k, v))
+    assert compiled.fused == 1, compiled.refused
+
+
+def test_dtype_only_read_of_bfloat16_scores_is_as_accurate_as_eager():
+    """Unscaled bfloat16 scores: eager rounds them before its float32 softmax, the op does not."""
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    compiled = Compiled(softmax_float_type_as)
+    out, ref = compiled(q, k, v), softmax_float_type_as(q, k, v)
+    exact = softmax_float_type_as(q.double(), k.double(), v.double())
+    assert compiled.fused == 1, compiled.refused
+    assert out.dtype == ref.dtype
+    assert (out.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max()
+
+
+# --- held-out transformers families (tiny configs, random weights) -----------------------------
+
+def _gpt_neo():  # alternating global / local (window) layers, no 1/√d scaling
+    import transformers as T
+    from tests.models import corpus as C
+    return T.GPTNeoForCausalLM(T.GPTNeoConfig(
+        vocab_size=C.VOCAB, hidden_size=C.HIDDEN, num_layers=C.LAYERS, num_heads=C.HEADS,
+        attention_types=[[["global", "local"], 1]], window_size=C.WINDOW, max_position_embeddings=128,
+        attention_dropout=0.0, embed_dropout=0.0, resid_dropout=0.0, initializer_range=C.INIT,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager"))
+
+
+def _gpt_oss():  # attention sinks, sliding / full layers, GQA, an MoE router per layer
+    import transformers as T
+    from tests.models import corpus as C
+    model = T.GptOssForCausalLM(T.GptOssConfig(
+        vocab_size=C.VOCAB, hidden_size=C.HIDDEN, intermediate_size=2 * C.HIDDEN, num_hidden_layers=C.LAYERS,
+        num_attention_heads=C.HEADS, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=C.WINDOW, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=128, attention_dropout=0.0, initializer_range=C.INIT,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)  # sinks that take a visible share of each row
+    return model
+
+
+@pytest.mark.parametrize("build", [_gpt_neo, _gpt_oss], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("case", ["pad_left", "decode_pad_left"])
+def test_held_out_family_fuses_every_site(build, case):
+    pytest.importorskip("transformers")
+    from tests.models.corpus import LAYERS, Family, _decoder_case
+    from tests.models.measure import measure_fastattention
+
+    model = build().eval()
+    m = measure_fastattention(_decoder_case(Family(build.__name__[1:], "decoder", build), model, case))
+    assert m.fused == m.sites == LAYERS and not m.refused, m.refused
+    assert_same_as_eager(m.actual, m.expected)  # padding positions included

@@ -434,6 +434,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.reset()  # code compiled earlier in this process (same model classes) must not be reused
     if args.memory_worker:
         spec = json.loads(args.memory_worker)
         print(json.dumps({c: run_forked(memory_worker, spec["family"], c, plan, ns) if ns else {}

@@ -52,6 +52,13 @@ class Band:
         k1 = num_keys if self.max_offset is None else min(num_keys, q1 - 1 + self.max_offset + 1)
         return k0, max(k0, k1)
 
+    def empty_rows(self, num_q: int, num_k: int, device=None) -> torch.Tensor:
+        """Bool ``[Sq]``: rows whose band holds no key at all (``[lo, hi]`` clipped to the keys is empty)."""
+        i = torch.arange(num_q, device=device)
+        lo = torch.zeros_like(i) if self.min_offset is None else (i + self.min_offset).clamp(min=0)
+        hi = torch.full_like(i, num_k - 1) if self.max_offset is None else (i + self.max_offset).clamp(max=num_k - 1)
+        return lo > hi
+
     def hidden(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
         """Bool ``[len(q_idx), len(k_idx)]``: True where the key is masked out."""
         diff = k_idx[None, :] - q_idx[:, None]

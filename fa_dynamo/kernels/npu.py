@@ -207,11 +207,7 @@ def _run_train(npu, q, k, v, pse, dense_mask, plan: SparsePlan, scale: float):
 def _dead_rows(band: Band, dense_mask: Optional[torch.Tensor], plan: SparsePlan, pse, q, k) -> torch.Tensor:
     """Bool broadcastable to ``[B, H, Sq]``: rows that see no key (torch_npu's output there is not
     eager's NaN / uniform average, so they are recomputed)."""
-    num_q, num_k = q.shape[2], k.shape[2]
-    i = torch.arange(num_q, device=q.device)
-    lo = torch.zeros_like(i) if band.min_offset is None else (i + band.min_offset).clamp(min=0)
-    hi = torch.full_like(i, num_k - 1) if band.max_offset is None else (i + band.max_offset).clamp(max=num_k - 1)
-    dead = (lo > hi)[None, None]
+    dead = band.empty_rows(q.shape[2], k.shape[2], q.device)[None, None]
     hidden = None if dense_mask is None or plan.compressed else dense_mask
     if pse is not None:
         pse_hidden = torch.isneginf(pse)

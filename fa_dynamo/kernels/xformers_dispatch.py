@@ -128,10 +128,7 @@ def _dense_bias(bias, mask, band: Band, q, k, grouped: bool) -> torch.Tensor:
 def _dead_rows(band: Band, bias, mask, q, k) -> torch.Tensor:
     """Bool broadcastable to ``[B, H, Sq]``: rows that see no key (or whose bias is all -inf)."""
     num_q, num_k = q.shape[2], k.shape[2]
-    i = torch.arange(num_q, device=q.device)
-    lo = torch.zeros_like(i) if band.min_offset is None else (i + band.min_offset).clamp(min=0)
-    hi = torch.full_like(i, num_k - 1) if band.max_offset is None else (i + band.max_offset).clamp(max=num_k - 1)
-    dead = (lo > hi)[None, None]
+    dead = band.empty_rows(num_q, num_k, q.device)[None, None]
     hidden = None
     if mask is not None:
         hidden = mask.expand(mask.shape[0], mask.shape[1], num_q, num_k)
@@ -140,7 +137,7 @@ def _dead_rows(band: Band, bias, mask, q, k) -> torch.Tensor:
         hidden = bias_hidden if hidden is None else hidden | bias_hidden
     if hidden is not None:
         if not band.is_unbounded:
-            hidden = hidden | band.hidden(i, torch.arange(num_k, device=q.device))
+            hidden = hidden | band.hidden(torch.arange(num_q, device=q.device), torch.arange(num_k, device=q.device))
         dead = dead | hidden.all(dim=-1)
     return dead
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention, rows_of
 from fa_dynamo.kernels.segments import Segments
@@ -31,13 +32,18 @@ def attention_backward(
     block_q: int,
     needs_bias_grad: bool,
     segments: Optional[Segments] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(dq, dk, dv, dbias)``; ``dbias`` has ``bias``'s shape, or is None when not needed."""
+    alibi: Optional[Alibi] = None,
+    needs_slopes_grad: bool = False,
+) -> tuple:
+    """``(dq, dk, dv, dbias, dslopes)``; ``dbias`` has ``bias``'s shape and ``dslopes`` the ALiBi
+    slopes', each None when not needed."""
     num_q = q.shape[2]
     dq = torch.empty_like(q)
     dk = torch.zeros_like(k, dtype=torch.float32 if k.dtype != torch.float64 else k.dtype)
     dv = torch.zeros_like(v, dtype=dk.dtype)
     dbias = torch.zeros_like(bias, dtype=dk.dtype) if needs_bias_grad else None
+    needs_slopes_grad = needs_slopes_grad and alibi is not None
+    dslopes = torch.zeros_like(alibi.slopes, dtype=dk.dtype) if needs_slopes_grad else None
     k_leaf, v_leaf = k.detach().requires_grad_(), v.detach().requires_grad_()
     for q0 in range(0, num_q, block_q):
         q1 = min(q0 + block_q, num_q)
@@ -46,13 +52,17 @@ def attention_backward(
         bias_t = rows_of(bias, idx)
         if needs_bias_grad:
             bias_t = bias_t.detach().requires_grad_()
+        alibi_t = alibi
+        if needs_slopes_grad:
+            alibi_t = Alibi(alibi.slopes.detach().requires_grad_())
         with torch.enable_grad():
             out_t, _ = reference_attention(
                 q_t, k_leaf, v_leaf, bias_t, rows_of(mask, idx),
                 scale=scale, softcap=softcap, fill=fill, band=band, q_idx=idx,
-                segments=None if segments is None else segments.rows(idx),
+                segments=None if segments is None else segments.rows(idx), alibi=alibi_t,
             )
-            inputs = (q_t, k_leaf, v_leaf) + ((bias_t,) if needs_bias_grad else ())
+            inputs = ((q_t, k_leaf, v_leaf) + ((bias_t,) if needs_bias_grad else ())
+                      + ((alibi_t.slopes,) if needs_slopes_grad else ()))
             grads = torch.autograd.grad(out_t, inputs, grad_out[:, :, q0 : q1])
         dq[:, :, q0 : q1] = grads[0]
         dk += grads[1]
@@ -62,4 +72,7 @@ def attention_backward(
                 dbias += grads[3]
             else:
                 dbias[..., q0 : q1, :] = grads[3]
-    return dq, dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype)
+        if needs_slopes_grad:
+            dslopes += grads[-1]
+    return (dq, dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype),
+            None if dslopes is None else dslopes.to(alibi.slopes.dtype))

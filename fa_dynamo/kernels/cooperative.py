@@ -291,7 +291,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k_dev, v_dev, k_host, v_host, bias, mask = ctx.saved_tensors
     k = _gather(q.device, k_host, k_dev, ctx.host_first)
     v = _gather(q.device, v_host, v_dev, ctx.host_first)
-    dq, dk, dv, dbias = attention_backward(
+    dq, dk, dv, dbias, _ = attention_backward(
         grad_out, q, k, v, bias, mask, needs_bias_grad=bias is not None and ctx.needs_input_grad[5], **ctx.params
     )
     sh = k_host.shape[2]

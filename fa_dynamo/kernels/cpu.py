@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.mask import Band, TileKind
 from fa_dynamo.kernels.reference import masked_scores, reference_attention, rows_of
 from fa_dynamo.kernels.segments import Segments, SegmentTiles, combine
@@ -64,17 +65,23 @@ def _merge(
 class _Problem:
     """One call's inputs and the segment primitives over them."""
 
-    def __init__(self, q, k, v, bias, mask, scale, softcap, band, segments: Optional[Segments]):
+    def __init__(self, q, k, v, bias, mask, scale, softcap, band, segments: Optional[Segments],
+                 alibi: Optional[Alibi]):
         self.q, self.k, self.v = q, k, v
         self.bias, self.mask = bias, mask
-        self.scale, self.softcap, self.band, self.segments = scale, softcap, band, segments
+        self.scale, self.softcap, self.band, self.segments, self.alibi = scale, softcap, band, segments, alibi
 
     def additive_tile(self, q0: int, q1: int, k0: int, k1: int, with_band: bool, with_segments: bool
                       ) -> Optional[torch.Tensor]:
-        """The float mask of the tile (dense bias + dense mask + band + segments), or None."""
+        """The float mask of the tile (dense bias + ALiBi + dense mask + band + segments), or None."""
         tile = None
         if self.bias is not None:
-            tile = _slice_keys(_slice_rows(self.bias, q0, q1), k0, k1).to(self.q.dtype)
+            tile = _slice_keys(_slice_rows(self.bias, q0, q1), k0, k1).float()
+        if self.alibi is not None:
+            alibi = self.alibi.tile(q0, q1, k0, k1, torch.float32)
+            tile = alibi if tile is None else tile + alibi
+        if tile is not None:  # summed in float32, then in the kernel's dtype
+            tile = tile.to(self.q.dtype)
         hidden = _slice_keys(_slice_rows(self.mask, q0, q1), k0, k1)
         if with_band:
             band_hidden = self.band.hidden(torch.arange(q0, q1), torch.arange(k0, k1))
@@ -110,7 +117,7 @@ class _Problem:
             bias=_slice_keys(_slice_rows(self.bias, q0, q1), k0, k1),
             mask=_slice_keys(_slice_rows(self.mask, q0, q1), k0, k1),
             fill=float("-inf"), band=self.band if with_band else Band(),
-            segments=self.segments.tile(q0, q1, k0, k1) if with_segments else None,
+            segments=self.segments.tile(q0, q1, k0, k1) if with_segments else None, alibi=self.alibi,
         )
         m = s.amax(dim=-1, keepdim=True)
         p = torch.exp(s - torch.where(torch.isneginf(m), 0.0, m))
@@ -159,15 +166,16 @@ def attention_cpu(
     block_q: int,
     block_k: int,
     segments: Optional[Segments] = None,
+    alibi: Optional[Alibi] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference_attention``; memory O(block_q × block_k) beyond the inputs."""
     batch, heads, num_q, _ = q.shape
     num_k = k.shape[2]
     if num_q == 0 or num_k == 0:
         return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band,
-                                   segments=segments)
+                                   segments=segments, alibi=alibi)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    unmasked = bias is None and mask is None and segments is None
+    unmasked = bias is None and mask is None and segments is None and alibi is None
 
     # Whole-call fast path: ATen's kernel is top-left causal or unmasked, no row is empty; a
     # finite fill for the hidden keys is checked row by row like everywhere else.
@@ -176,7 +184,7 @@ def attention_cpu(
         _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
         return out, lse
 
-    problem = _Problem(q, k, v, bias, mask, scale, softcap, band, segments)
+    problem = _Problem(q, k, v, bias, mask, scale, softcap, band, segments, alibi)
     segment_tiles = None if segments is None else SegmentTiles(segments)
     out = q.new_empty(batch, heads, num_q, v.shape[-1])
     lse = torch.empty(batch, heads, num_q, dtype=torch.float32)
@@ -192,7 +200,7 @@ def attention_cpu(
         out[:, :, q0:q1] = acc
         lse[:, :, q0:q1] = acc_lse.float()
 
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments)
+    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments, alibi)
     return out, lse
 
 
@@ -216,33 +224,33 @@ def _has_nan(t: Optional[torch.Tensor]) -> bool:
     return t is not None and t.numel() > 0 and bool(t.sum().isnan())
 
 
-def _nan_rows(q, k, v, bias) -> torch.Tensor:
+def _nan_rows(q, k, v, bias, alibi: Optional[Alibi] = None) -> torch.Tensor:
     """Bool ``[B, H, Sq]``: rows eager may give NaN for and ATen's flash kernel does not (it
     returns a finite row for a NaN query). A NaN in a query row marks that row; a NaN in any key,
-    value or bias entry marks every row, as which rows see it depends on the mask."""
+    value, bias entry or ALiBi slope marks every row, as which rows see it depends on the mask."""
     rows = q.isnan().any(dim=-1) if _has_nan(q) else q.new_zeros(q.shape[:-1], dtype=torch.bool)
-    if _has_nan(k) or _has_nan(v) or _has_nan(bias):
+    if _has_nan(k) or _has_nan(v) or _has_nan(bias) or (alibi is not None and _has_nan(alibi.slopes)):
         rows = torch.ones_like(rows)
     return rows
 
 
 def _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q,
-                             segments: Optional[Segments] = None) -> None:
+                             segments: Optional[Segments] = None, alibi: Optional[Alibi] = None) -> None:
     """Overwrite, with the reference, rows whose masked scores are not negligible (in place)."""
-    unserved = unserved_rows(lse, fill, mask, band, k.shape[2], segments) | _nan_rows(q, k, v, bias)
+    unserved = unserved_rows(lse, fill, mask, band, k.shape[2], segments) | _nan_rows(q, k, v, bias, alibi)
     rows = unserved.any(dim=0).any(dim=0).nonzero().flatten()
     for start in range(0, rows.numel(), block_q):
         idx = rows[start : start + block_q]
         r_out, r_lse = reference_attention(
             q.index_select(2, idx), k, v, rows_of(bias, idx), rows_of(mask, idx),
             scale=scale, softcap=softcap, fill=fill, band=band, q_idx=idx,
-            segments=None if segments is None else segments.rows(idx),
+            segments=None if segments is None else segments.rows(idx), alibi=alibi,
         )
         out.index_copy_(2, idx, r_out)
         lse.index_copy_(2, idx, r_lse)
 
 
-def attention_sdpa(q, k, v, bias, mask, *, scale, softcap, fill, band, block_q, block_k, segments=None):
+def attention_sdpa(q, k, v, bias, mask, *, scale, softcap, fill, band, block_q, block_k, segments=None, alibi=None):
     """The peer strategy: one ATen flash call with the whole Sq×Sk mask materialized.
 
     Kept as a selectable kernel (``FA_DYNAMO_KERNEL=sdpa``) to measure what tiling buys; it
@@ -252,11 +260,11 @@ def attention_sdpa(q, k, v, bias, mask, *, scale, softcap, fill, band, block_q, 
     if not _aten_serves(q, v, softcap) or num_q == 0 or num_k == 0:
         return attention_cpu(
             q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k,
-            segments=segments,
+            segments=segments, alibi=alibi,
         )
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    problem = _Problem(q, k, v, bias, mask, scale, softcap, band, segments)
+    problem = _Problem(q, k, v, bias, mask, scale, softcap, band, segments, alibi)
     out, lse = problem.segment(0, num_q, 0, num_k, with_band=not band.is_unbounded, with_segments=segments is not None)
     out = out.to(q.dtype)
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments)
+    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments, alibi)
     return out, lse

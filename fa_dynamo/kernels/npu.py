@@ -46,6 +46,7 @@ import torch
 from fa_dynamo.kernels.cpu import _recompute_unserved_rows, attention_cpu
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention
+from fa_dynamo.kernels.alibi import Alibi, alibi_as_bias
 from fa_dynamo.kernels.segments import Segments, segments_as_mask
 
 log = logging.getLogger("fa_dynamo")
@@ -231,6 +232,7 @@ def attention_npu(
     block_q: int,
     block_k: int,
     segments: Optional[Segments] = None,
+    alibi: Optional[Alibi] = None,
     training: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``attention_cpu``, on torch_npu (``q`` on an NPU: ``ops`` dispatches only
@@ -241,11 +243,12 @@ def attention_npu(
     if reason is not None:
         on_cpu = q.device.type == "cpu"
         _say_once(f"fa_dynamo: {reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
-        kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, segments=segments)
+        kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, segments=segments, alibi=alibi)
         if on_cpu:
             return attention_cpu(q, k, v, bias, mask, block_q=block_q, block_k=block_k, **kw)
         return reference_attention(q, k, v, bias, mask, **kw)
     mask = segments_as_mask(mask, segments, "npu")
+    bias = alibi_as_bias(bias, alibi, q.shape[2], k.shape[2], "npu")
     if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
         return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band)
     npu = _torch_npu()

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from fa_dynamo.config import KERNELS
+from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.backward import attention_backward
 from fa_dynamo.kernels.cpu import attention_cpu, attention_sdpa
 from fa_dynamo.kernels.mask import Band
@@ -42,6 +43,7 @@ def attention(
     block_k: int = 512,
     q_segments: Optional[torch.Tensor] = None,
     k_segments: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention as eager PyTorch computes it, without the Sq×Sk intermediates.
 
@@ -64,6 +66,10 @@ def attention(
             neither): key ``j`` is visible to query ``i`` of batch ``b`` only if
             ``q_segments[b, i] == k_segments[b, j]`` (packed sequences, chunked attention).
             Ids that never decrease along the sequence let kernels skip whole tiles.
+        alibi_slopes: ALiBi slopes ``[Hq]`` or ``[B, Hq]`` (FlashAttention's shapes; any dim may
+            be 1): ``slopes[b, h] · (j − i)`` is added with the bias, computed per tile, never
+            held as an Sq×Sk tensor. A model's ``slope · j`` or causal ``−slope · |i − j|`` is
+            the same attention (softmax ignores a per-row constant).
 
     Returns:
         ``[B, Hq, Sq, Dv]`` in ``q``'s dtype. A row whose scores are all ``-inf`` is NaN, as in
@@ -72,9 +78,11 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = None if bias is None else _as_4d(bias, "bias")
     mask = None if mask is None else _as_4d(mask, "mask")
+    if alibi_slopes is not None and alibi_slopes.dim() == 1:
+        alibi_slopes = alibi_slopes.unsqueeze(0)
     out, _ = torch.ops.fa_dynamo.attention(
         q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
-        q_segments=q_segments, k_segments=k_segments,
+        q_segments=q_segments, k_segments=k_segments, alibi_slopes=alibi_slopes,
     )
     return out
 
@@ -86,7 +94,7 @@ def _as_4d(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def check_inputs(q, k, v, bias, mask, kernel: str, block_q: int, block_k: int,
-                 q_segments=None, k_segments=None) -> None:
+                 q_segments=None, k_segments=None, alibi_slopes=None) -> None:
     """Raise a ValueError describing the first problem with the op's inputs."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -122,6 +130,7 @@ def check_inputs(q, k, v, bias, mask, kernel: str, block_q: int, block_k: int,
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be >= 1, got {block_q}, {block_k}")
     _check_segments(q, k, q_segments, k_segments)
+    _check_alibi(q, alibi_slopes)
 
 
 def _check_segments(q, k, q_segments, k_segments) -> None:
@@ -137,6 +146,19 @@ def _check_segments(q, k, q_segments, k_segments) -> None:
             raise ValueError(f"{name} must hold integer sequence ids, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _check_alibi(q, slopes) -> None:
+    if slopes is None:
+        return
+    want = (q.shape[0], q.shape[1])
+    if slopes.dim() != 2 or any(s not in (1, w) for s, w in zip(slopes.shape, want)):
+        raise ValueError(f"alibi_slopes must be [Hq] or [B, Hq] (broadcastable to {list(want)}), "
+                         f"got shape {tuple(slopes.shape)}")
+    if not slopes.dtype.is_floating_point:
+        raise ValueError(f"alibi_slopes must be floating point, got {slopes.dtype}")
+    if slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {q.device}")
 
 
 @torch.library.custom_op("fa_dynamo::attention", mutates_args=())
@@ -156,20 +178,21 @@ def _attention_op(
     block_k: int,
     q_segments: Optional[torch.Tensor] = None,
     k_segments: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments)
+    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments, alibi_slopes)
     out, lse = _run_kernel(
         kernel, q, k, v, bias, mask,
         scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset),
-        block_q=block_q, block_k=block_k, segments=Segments.of(q_segments, k_segments),
+        block_q=block_q, block_k=block_k, segments=Segments.of(q_segments, k_segments), alibi=Alibi.of(alibi_slopes),
     )
     return out.contiguous(), lse.contiguous()  # the layout the fake implementation promises
 
 
 @_attention_op.register_fake
 def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
-      q_segments=None, k_segments=None):
-    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments)
+      q_segments=None, k_segments=None, alibi_slopes=None):
+    check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments, alibi_slopes)
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
     return out, lse
@@ -177,28 +200,26 @@ def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel,
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
-     q_segments, k_segments) = inputs
-    ctx.save_for_backward(q, k, v, bias, mask, q_segments, k_segments, *output)  # out, lse: for the FA2 backward
+     q_segments, k_segments, alibi_slopes) = inputs
+    ctx.save_for_backward(q, k, v, bias, mask, q_segments, k_segments, alibi_slopes, *output)  # out, lse: for the FA2 backward
     ctx.params = dict(scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset), block_q=block_q)
     ctx.kernel, ctx.block_k = kernel, block_k
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, bias, mask, q_segments, k_segments, out, lse = ctx.saved_tensors
-    needs_bias_grad = bias is not None and ctx.needs_input_grad[3]
-    segments = Segments.of(q_segments, k_segments)
+    q, k, v, bias, mask, q_segments, k_segments, alibi_slopes, out, lse = ctx.saved_tensors
+    grads_of = dict(needs_bias_grad=bias is not None and ctx.needs_input_grad[3],
+                    needs_slopes_grad=alibi_slopes is not None and ctx.needs_input_grad[15])
+    kw = dict(segments=Segments.of(q_segments, k_segments), alibi=Alibi.of(alibi_slopes), **grads_of, **ctx.params)
     triton_backward = _triton_entry("attention_triton_backward") if _wants_triton(ctx.kernel, q) else None
     if triton_backward is not None:
-        dq, dk, dv, dbias = triton_backward(
-            grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad, block_k=ctx.block_k, out=out, lse=lse,
-            segments=segments, **ctx.params,
-        )
+        dq, dk, dv, dbias, dslopes = triton_backward(grad_out, q, k, v, bias, mask, block_k=ctx.block_k, out=out,
+                                                     lse=lse, **kw)
     else:
-        dq, dk, dv, dbias = attention_backward(
-            grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad, segments=segments, **ctx.params
-        )
-    return (dq, dk, dv, dbias) + (None,) * 11  # mask, scalars and segment ids have no gradient
+        dq, dk, dv, dbias, dslopes = attention_backward(grad_out, q, k, v, bias, mask, **kw)
+    # mask, scalars and segment ids have no gradient
+    return (dq, dk, dv, dbias) + (None,) * 11 + (dslopes,)
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -257,7 +278,7 @@ def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, t
         _say_once(f"fa_dynamo: the {kernel} kernel serves CPU tensors only; using the reference kernel on {q.device.type}")
         kernel = "reference"
     if kernel == "reference":
-        reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments")}
+        reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments", "alibi")}
         return reference_attention(q, k, v, bias, mask, **reference_kw)
     if kernel == "sdpa":
         return attention_sdpa(q, k, v, bias, mask, **kw)

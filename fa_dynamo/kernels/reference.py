@@ -9,6 +9,7 @@ For query row ``i`` and key ``j`` of head ``h`` (key/value head ``h // (Hq // Hk
     s = (q[i] · k[j]) * scale
     s = softcap * tanh(s / softcap)          if softcap > 0
     s = s + bias[i, j]                       if bias is given (broadcast to [B, Hq, Sq, Sk])
+    s = s + slopes[h] * (j - i)              if alibi is given (``alibi.py``)
     s = fill   where mask[i, j], the band or the segments hide (i, j)   (replace, as masked_fill does)
     out[i] = softmax_j(s) · v
 
@@ -22,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.segments import Segments
 
@@ -57,6 +59,7 @@ def masked_scores(
     fill: float,
     band: Band,
     segments: Optional[Segments] = None,
+    alibi: Optional[Alibi] = None,
 ) -> torch.Tensor:
     """Scores ``[B, Hkv, G, len(q_idx), Sk]`` in the compute dtype, masked as documented above.
 
@@ -72,11 +75,14 @@ def masked_scores(
         s = torch.tanh(s / softcap) * softcap
     if bias is not None:
         s = s + group_heads(bias, num_kv_heads).to(ct)
+    k_idx = torch.arange(k_start, k_start + k.shape[2], device=q.device)
+    if alibi is not None:
+        s = s + group_heads(alibi.scores(q_idx, k_idx, ct), num_kv_heads)
     hidden = None
     if mask is not None:
         hidden = group_heads(mask, num_kv_heads)
     if not band.is_unbounded:
-        band_hidden = band.hidden(q_idx, torch.arange(k_start, k_start + k.shape[2], device=q.device))
+        band_hidden = band.hidden(q_idx, k_idx)
         hidden = band_hidden if hidden is None else hidden | band_hidden
     if segments is not None:
         segment_hidden = group_heads(segments.hidden(), num_kv_heads)
@@ -98,6 +104,7 @@ def reference_attention(
     fill: float,
     band: Band,
     segments: Optional[Segments] = None,
+    alibi: Optional[Alibi] = None,
     q_idx: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32)``.
@@ -108,7 +115,7 @@ def reference_attention(
     if q_idx is None:
         q_idx = torch.arange(q.shape[2], device=q.device)
     s = masked_scores(q, k, q_idx, scale=scale, softcap=softcap, bias=bias, mask=mask, fill=fill, band=band,
-                      segments=segments)
+                      segments=segments, alibi=alibi)
     p = torch.softmax(s, dim=-1)
     out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
     lse = torch.logsumexp(s, dim=-1)

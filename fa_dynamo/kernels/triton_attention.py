@@ -7,7 +7,8 @@ output and the log-sum-exp. The tiling-mask comes from the band ``lo <= j - i <=
 ``_tile_ranges`` turns it into loop bounds, so empty tiles are never visited, full tiles run with
 no mask evaluation at all, and only the partial tiles on the band's edges build a mask from
 indices. A dense bias or boolean mask is read tile by tile (never copied or expanded); segment
-ids (packed sequences, chunked attention) are loaded per tile and compared. GQA maps
+ids (packed sequences, chunked attention) are loaded per tile and compared; an ALiBi bias is
+computed from the head's slope and the tile's indices. GQA maps
 query head ``h`` to key/value head ``h // G``. Head dims are padded to the next power of two with
 masked loads; q·kᵀ and p·v accumulate in float32.
 
@@ -45,6 +46,7 @@ except ImportError:  # pragma: no cover
     _RESOURCE_ERRORS = (OutOfResources,)
 
 from fa_dynamo.kernels import triton_configs as tc
+from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.cpu import _recompute_unserved_rows, attention_cpu
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention
@@ -137,11 +139,11 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
     stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
-    offs_m, offs_n, row_ok, d_ok, dv_ok,
+    offs_m, offs_n, row_ok, d_ok, dv_ok, slope,
     start, end, num_k, lo, hi, scale, softcap,
     PARTIAL: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -160,6 +162,8 @@ def _attn_fwd_inner(
             s = softcap * _tanh(s / softcap, LIBDEVICE)
         if HAS_BIAS:
             s += tl.load(bias_ptrs + start_n * stride_bias_n, mask=tile_ok, other=0.0).to(tl.float32)
+        if HAS_ALIBI:
+            s += slope * (cols[None, :] - offs_m[:, None]).to(tl.float32)
         if HAS_MASK:
             hidden = tl.load(mask_ptrs + start_n * stride_mask_n, mask=tile_ok, other=1) != 0
             s = tl.where(hidden, float("-inf"), s)
@@ -186,19 +190,19 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Bias, Mask, QSeg, KSeg, Out, Lse,
+    Q, K, V, Bias, Mask, QSeg, KSeg, Slopes, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n,
+    stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n, stride_slope_b, stride_slope_h,
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, group, num_q, num_k, lo, hi, scale, softcap,
     Q_CLASS, K_CLASS,  # autotuning keys (sequence-length buckets), unused by the kernel
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -228,6 +232,9 @@ def _attn_fwd(
     q_ids = offs_m
     if HAS_SEG:
         q_ids = tl.load(QSeg + off_b * stride_qseg_b + offs_m * stride_qseg_m, mask=row_ok, other=0)
+    slope = scale * 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_b * stride_slope_b + off_h * stride_slope_h).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -239,20 +246,20 @@ def _attn_fwd(
     for_tiles = (
         k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
         stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
-        offs_m, offs_n, row_ok, d_ok, dv_ok,
+        offs_m, offs_n, row_ok, d_ok, dv_ok, slope,
     )
     # partial tiles left of the band's full region, full tiles (no band mask), partial tiles right of it
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, *for_tiles, start, full_start, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, *for_tiles, full_start, full_end, num_k, lo, hi, scale, softcap,
-        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, *for_tiles, full_end, end, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
 
     # epilogue: rows that saw no key get lse = -inf (the caller recomputes them)
@@ -300,7 +307,7 @@ def _fallback(q, k, v, bias, mask, reason, **kw):
     _say_once(f"fa_dynamo: {reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
     if on_cpu:
         return attention_cpu(q, k, v, bias, mask, **kw)
-    reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments")}
+    reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments", "alibi")}
     return reference_attention(q, k, v, bias, mask, **reference_kw)
 
 
@@ -330,7 +337,16 @@ def _segment_args(segments: Optional[Segments], like: torch.Tensor):
     return segments.q, segments.k, (*segments.q.stride(), *segments.k.stride())
 
 
-def _constexprs(q, v, bias, mask, softcap: float, band: Band, segments: Optional[Segments]) -> dict:
+def _alibi_args(alibi: Optional[Alibi], q: torch.Tensor):
+    """``(slopes broadcast to [B, Hq], its two strides)``; a dummy when absent."""
+    if alibi is None:
+        return q, (0, 0)
+    slopes = alibi.slopes.expand(q.shape[0], q.shape[1])
+    return slopes, slopes.stride()
+
+
+def _constexprs(q, v, bias, mask, softcap: float, band: Band, segments: Optional[Segments],
+                alibi: Optional[Alibi]) -> dict:
     precision = None  # half types: the backend's default
     if q.dtype == torch.float32 or INTERPRETED:  # fp32: as exact as torch's matmul unless TF32 is allowed
         tf32 = q.device.type == "cuda" and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32
@@ -338,14 +354,15 @@ def _constexprs(q, v, bias, mask, softcap: float, band: Band, segments: Optional
     return dict(
         HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_pow2(q.shape[-1]), BLOCK_DV=_pow2(v.shape[-1]),
         HAS_LO=band.min_offset is not None, HAS_HI=band.max_offset is not None,
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_SEG=segments is not None, SOFTCAP=softcap > 0,
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_SEG=segments is not None,
+        HAS_ALIBI=alibi is not None, SOFTCAP=softcap > 0,
         LIBDEVICE=not INTERPRETED, DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         PRECISION=precision,
     )
 
 
 _AUTOTUNE_KEY = ["Q_CLASS", "K_CLASS", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "HAS_BIAS", "HAS_MASK", "HAS_SEG",
-                 "SOFTCAP"]
+                 "HAS_ALIBI", "SOFTCAP"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -375,7 +392,7 @@ def _launch(kernel, grid_of, args: tuple, consts: dict, q, block_q: int, block_k
         tuned[grid_of](*args, **consts)
 
 
-def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k, segments=None):
+def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k, segments=None, alibi=None):
     """The kernel's own result: ``(out, lse)``; rows with no visible key have ``lse = -inf``."""
     batch, heads, num_q, _ = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
@@ -385,14 +402,15 @@ def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k, seg
     bias_t, bias_s = _dense_args(bias, full, q)
     mask_t, mask_s = _dense_args(mask, full, q)
     q_ids, k_ids, seg_s = _segment_args(segments, q)
+    slopes, slope_s = _alibi_args(alibi, q)
     args = (
-        q, k, v, bias_t, mask_t, q_ids, k_ids, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *seg_s, *out.stride(),
+        q, k, v, bias_t, mask_t, q_ids, k_ids, slopes, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *seg_s, *slope_s, *out.stride(),
         heads, heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, scale, softcap,
         _seq_class(num_q), _seq_class(num_k),
     )
     grid = lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    consts = _constexprs(q, v, bias, mask, softcap, band, segments)
+    consts = _constexprs(q, v, bias, mask, softcap, band, segments, alibi)
     _launch(_attn_fwd, grid, args, consts, q, block_q, block_k, bias, mask)
     return out, lse
 
@@ -411,6 +429,7 @@ def attention_triton(
     block_q: int,
     block_k: int,
     segments: Optional[Segments] = None,
+    alibi: Optional[Alibi] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``attention_cpu``: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] fp32)``.
 
@@ -420,17 +439,18 @@ def attention_triton(
     (float64, head dims over 256, CPU tensors without ``TRITON_INTERPRET=1``, pre-Volta GPUs,
     bfloat16 before sm80) go to the CPU / reference kernel, said once in the log.
     """
-    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k, segments=segments)
+    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k, segments=segments,
+              alibi=alibi)
     reason = unsupported_reason(q, v)
     if reason is not None:
         return _fallback(q, k, v, bias, mask, reason, **kw)
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band,
-                                   segments=segments)
+                                   segments=segments, alibi=alibi)
     try:
         out, lse = _forward(q, k, v, bias, mask, scale=scale, softcap=softcap, band=band, block_q=block_q,
-                            block_k=block_k, segments=segments)
+                            block_k=block_k, segments=segments, alibi=alibi)
     except _RESOURCE_ERRORS as e:  # every tile config was too big for this GPU (e.g. fp32, D=256, sm75)
         return _fallback(q, k, v, bias, mask, f"no triton tile config fits this GPU ({type(e).__name__})", **kw)
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments)
+    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments, alibi)
     return out, lse

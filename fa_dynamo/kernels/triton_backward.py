@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.backward import attention_backward
 from fa_dynamo.kernels.cpu import unserved_rows
 from fa_dynamo.kernels.mask import Band
@@ -29,6 +30,7 @@ from fa_dynamo.kernels.segments import Segments
 from fa_dynamo.kernels.triton_attention import (
     _RESOURCE_ERRORS,
     LOG2E,
+    _alibi_args,
     _band_keep,
     _constexprs,
     _dense_args,
@@ -49,11 +51,11 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs, qseg_ptrs, k_ids,
     stride_qm, stride_dom, stride_bias_m, stride_mask_m, stride_qseg_m,
-    offs_n, offs_m, key_ok, d_ok, dv_ok,
+    offs_n, offs_m, key_ok, d_ok, dv_ok, slope,
     start, end, num_q, lo, hi, scale, softcap,
     PARTIAL: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -76,6 +78,8 @@ def _attn_bwd_dkdv_inner(
         if HAS_BIAS:
             bias_t = tl.load(bias_ptrs + rows_q[None, :].to(tl.int64) * stride_bias_m, mask=tile_ok, other=0.0)
             s_t += bias_t.to(tl.float32)
+        if HAS_ALIBI:  # keys are the rows here
+            s_t += slope * (offs_n[:, None] - rows_q[None, :]).to(tl.float32)
         if HAS_MASK:
             hidden = tl.load(mask_ptrs + rows_q[None, :].to(tl.int64) * stride_mask_m, mask=tile_ok, other=1) != 0
             s_t = tl.where(hidden, float("-inf"), s_t)
@@ -100,21 +104,21 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, DK, DV,
+    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, Slopes, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n,
+    stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n, stride_slope_b, stride_slope_h,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_heads, num_kv_heads, group, num_q, num_k, lo, hi, scale, softcap,
     Q_CLASS, K_CLASS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -156,21 +160,24 @@ def _attn_bwd_dkdv(
         bias_ptrs = bias_ptrs + offs_n[:, None] * stride_bias_n  # + query rows, in the loop
         mask_ptrs = Mask + off_b * stride_mask_b + off_h * stride_mask_h
         mask_ptrs = mask_ptrs + offs_n[:, None] * stride_mask_n
+        slope = scale * 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Slopes + off_b * stride_slope_b + off_h * stride_slope_h).to(tl.float32)
         for_tiles = (
             q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs, qseg_ptrs, k_ids,
-            stride_qm, stride_dom, stride_bias_m, stride_mask_m, stride_qseg_m, offs_n, offs_m, key_ok, d_ok, dv_ok,
+            stride_qm, stride_dom, stride_bias_m, stride_mask_m, stride_qseg_m, offs_n, offs_m, key_ok, d_ok, dv_ok, slope,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, *for_tiles, start, full_start, num_q, lo, hi, scale, softcap,
-            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
+            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, *for_tiles, full_start, full_end, num_q, lo, hi, scale, softcap,
-            False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
+            False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, *for_tiles, full_end, end, num_q, lo, hi, scale, softcap,
-            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
+            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
         )
     dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh
     tl.store(dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk * scale,
@@ -185,11 +192,11 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,
     k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
     stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
-    offs_m, offs_n, row_ok, d_ok, dv_ok,
+    offs_m, offs_n, row_ok, d_ok, dv_ok, slope,
     start, end, num_k, lo, hi, scale, softcap,
     PARTIAL: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -211,6 +218,8 @@ def _attn_bwd_dq_inner(
             s = softcap * t
         if HAS_BIAS:
             s += tl.load(bias_ptrs + start_n * stride_bias_n, mask=tile_ok, other=0.0).to(tl.float32)
+        if HAS_ALIBI:
+            s += slope * (cols[None, :] - offs_m[:, None]).to(tl.float32)
         if HAS_MASK:
             hidden = tl.load(mask_ptrs + start_n * stride_mask_n, mask=tile_ok, other=1) != 0
             s = tl.where(hidden, float("-inf"), s)
@@ -231,20 +240,20 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, DQ,
+    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, Slopes, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n,
+    stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n, stride_slope_b, stride_slope_h,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     num_heads, group, num_q, num_k, lo, hi, scale, softcap,
     Q_CLASS, K_CLASS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -279,6 +288,9 @@ def _attn_bwd_dq(
     q_ids = offs_m
     if HAS_SEG:
         q_ids = tl.load(QSeg + off_b * stride_qseg_b + offs_m * stride_qseg_m, mask=row_ok, other=0)
+    slope = scale * 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_b * stride_slope_b + off_h * stride_slope_h).to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     row0 = start_m * BLOCK_M
@@ -287,19 +299,19 @@ def _attn_bwd_dq(
     for_tiles = (
         k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
         stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
-        offs_m, offs_n, row_ok, d_ok, dv_ok,
+        offs_m, offs_n, row_ok, d_ok, dv_ok, slope,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, *for_tiles, start, full_start, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, *for_tiles, full_start, full_end, num_k, lo, hi, scale, softcap,
-        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, *for_tiles, full_end, end, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
     )
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq * scale, mask=row_ok[:, None] & d_ok[None, :])
@@ -323,26 +335,30 @@ def attention_triton_backward(
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     segments: Optional[Segments] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Same contract as ``backward.attention_backward``: ``(dq, dk, dv, dbias)``.
+    alibi: Optional[Alibi] = None,
+    needs_slopes_grad: bool = False,
+) -> tuple:
+    """Same contract as ``backward.attention_backward``: ``(dq, dk, dv, dbias, dslopes)``.
 
     ``out`` and ``lse`` are the forward's results (re-computed when not given). The kernels run
     inside the custom op ``fa_dynamo::attention_triton_backward``, so this function can be traced
-    (aot_autograd traces the backward formula with fake tensors). A bias gradient goes to the
-    reference backward, which is traceable as it is.
+    (aot_autograd traces the backward formula with fake tensors). A bias or ALiBi slope gradient
+    goes to the reference backward, which is traceable as it is.
     """
-    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q)
-    if needs_bias_grad:
-        _say_once("fa_dynamo: the triton backward does not compute bias gradients; using the reference backward")
-        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=True, segments=segments, **kw)
+    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, segments=segments, alibi=alibi)
+    if needs_bias_grad or (needs_slopes_grad and alibi is not None):
+        _say_once("fa_dynamo: the triton backward does not compute bias or ALiBi slope gradients; "
+                  "using the reference backward")
+        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad,
+                                  needs_slopes_grad=needs_slopes_grad, **kw)
     if out is None or lse is None:
-        out, lse = attention_triton(q, k, v, bias, mask, block_k=block_k, segments=segments, **kw)
+        out, lse = attention_triton(q, k, v, bias, mask, block_k=block_k, **kw)
     q_ids, k_ids = (None, None) if segments is None else segments
     dq, dk, dv = torch.ops.fa_dynamo.attention_triton_backward(
         grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band.min_offset, band.max_offset,
-        block_q, block_k, q_segments=q_ids, k_segments=k_ids,
+        block_q, block_k, q_segments=q_ids, k_segments=k_ids, alibi_slopes=None if alibi is None else alibi.slopes,
     )
-    return dq, dk, dv, None
+    return dq, dk, dv, None, None
 
 
 @torch.library.custom_op("fa_dynamo::attention_triton_backward", mutates_args=())
@@ -364,21 +380,23 @@ def _backward_op(
     block_k: int,
     q_segments: Optional[torch.Tensor] = None,
     k_segments: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     band = Band(min_offset, max_offset)
     segments = Segments.of(q_segments, k_segments)
-    return _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments)
+    return _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments,
+                     Alibi.of(alibi_slopes))
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, min_offset, max_offset, block_q, block_k,
-      q_segments=None, k_segments=None):
+      q_segments=None, k_segments=None, alibi_slopes=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments):
+def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments, alibi):
     """The FA2 backward kernels: ``(dq, dk, dv)`` in the inputs' dtypes."""
-    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, segments=segments)
+    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, segments=segments, alibi=alibi)
     reason = unsupported_reason(q, v)
     if reason is not None or min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
         if reason is not None:
@@ -399,23 +417,24 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
     bias_t, bias_s = _dense_args(bias, full, q)
     mask_t, mask_s = _dense_args(mask, full, q)
     q_ids, k_ids, seg_s = _segment_args(segments, q)
+    slopes, slope_s = _alibi_args(alibi, q)
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
     common = (heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, scale, softcap,
               _seq_class(num_q), _seq_class(num_k))
-    consts = _constexprs(q, v, bias, mask, softcap, band, segments)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bias_s, *mask_s, *seg_s)
+    consts = _constexprs(q, v, bias, mask, softcap, band, segments, alibi)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bias_s, *mask_s, *seg_s, *slope_s)
     try:
         _launch(
             _attn_bwd_dkdv, lambda meta: (triton.cdiv(num_k, meta["BLOCK_N"]), batch * kv_heads),
-            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, dk, dv, *strides, *dk.stride(),
+            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, slopes, dk, dv, *strides, *dk.stride(),
              *dv.stride(), heads, kv_heads, *common),
             consts, q, block_q, block_k, bias, mask, backward=True,
         )
         _launch(
             _attn_bwd_dq, lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads),
-            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, dq, *strides, *dq.stride(), heads, *common),
+            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, slopes, dq, *strides, *dq.stride(), heads, *common),
             consts, q, block_q, block_k, bias, mask, backward=True,
         )
     except _RESOURCE_ERRORS as e:
@@ -427,7 +446,7 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
 
 
 def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scale, softcap, fill, band, block_q,
-                        segments):
+                        segments, alibi):
     """Add the reference's gradients of query rows ``rows`` (in place, fp32 buffers).
 
     The reference backward is autograd through ``reference_attention``; this is the same chain
@@ -441,7 +460,8 @@ def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scal
         q_r = q.index_select(2, idx)
         seg_r = None if segments is None else segments.rows(idx)
         s = masked_scores(q_r, k, idx, scale=scale, softcap=softcap, bias=rows_of(bias, idx),
-                          mask=rows_of(mask, idx), fill=fill, band=band, segments=seg_r)  # [B, Hkv, G, n, Sk]
+                          mask=rows_of(mask, idx), fill=fill, band=band, segments=seg_r,
+                          alibi=alibi)  # [B, Hkv, G, n, Sk]
         p = torch.softmax(s, dim=-1)
         do_r = group_heads(grad_out.index_select(2, idx).float(), num_kv_heads)
         dp = do_r @ v_c.transpose(-1, -2)

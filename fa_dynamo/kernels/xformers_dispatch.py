@@ -50,6 +50,7 @@ import torch
 
 from fa_dynamo.kernels.cpu import _recompute_unserved_rows
 from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.alibi import Alibi, alibi_as_bias
 from fa_dynamo.kernels.segments import Segments, segments_as_mask
 
 log = logging.getLogger("fa_dynamo")
@@ -156,6 +157,7 @@ def attention_xformers(
     block_q: int,
     block_k: int,
     segments: Optional[Segments] = None,
+    alibi: Optional[Alibi] = None,
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Same contract as ``attention_cpu``, or None when xformers cannot serve the call (the
     caller then falls back; the reason is logged once). Segment ids reach xformers as part of
@@ -165,6 +167,7 @@ def attention_xformers(
         _say_once(f"fa_dynamo: {reason}; falling back from the xformers kernel")
         return None
     mask = segments_as_mask(mask, segments, "xformers")
+    bias = alibi_as_bias(bias, alibi, q.shape[2], k.shape[2], "xformers")
     batch, heads, num_q, _ = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
     if min(batch, heads, num_q, num_k) == 0:

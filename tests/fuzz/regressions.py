@@ -639,4 +639,59 @@ def program(q, k, v):
     s = s.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1), NEG_INF)
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
 ''',
+    '''"""bf16_large_finite_bias_judged_by_eager: in bfloat16, ``triu(full(-10000)) + s`` keeps no
+digit of ``s`` (the ulp at 10000 is 64), so eager's own result is ~1.0 from the float64 run of the
+same program; the harness then refused to let float64 judge and failed a fused result that was
+closer to it than eager. The float64 run is now distrusted only for programs with finfo constants
+(whose values differ in float64). Found by the long profile, 2026-11-25 (harness fix)."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+IS_ATTENTION = False
+EXPECT_FUSED = False
+DTYPE = torch.bfloat16
+GRAD = False
+DYNAMIC = True
+SHAPES = [dict(b=1, hq=4, hkv=2, sq=1, sk=35, d=8, dv=8), dict(b=1, hq=4, hkv=2, sq=1, sk=39, d=8, dv=8)]
+OPTIONS = {'block_q': 8, 'block_k': 8}  # backend options
+
+
+def randn(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DTYPE)
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+def make_inputs(gen, b, hq, hkv, sq, sk, d, dv):
+    q = randn(gen, b, hq, sq, d)
+    k = randn(gen, b, hq, sk, d)
+    v = randn(gen, b, hkv, sk, dv)
+    bias2 = torch.zeros(b, 1, sq, sk, dtype=DTYPE).masked_fill(torch.rand(b, 1, sq, sk, generator=gen) < 0.1, float('-inf'))
+    return q, k, v, bias2
+
+
+def program(q, k, v, bias2):
+    n = q.shape[1] // v.shape[1]
+    v = repeat_kv(v, n)
+    s = q.matmul(k.transpose(-2, -1))
+    s = torch.mul(s, q.shape[-1] ** -0.5)
+    sq, sk = s.shape[-2], s.shape[-1]
+    i = torch.arange(sq)[:, None]
+    j = torch.arange(sk)[None, :]
+    s = torch.triu(torch.full((sq, sk), -10000.0, dtype=s.dtype), diagonal=-1) + s
+    nh = s.shape[1]
+    slopes = torch.exp2(-8.0 * torch.arange(1, nh + 1) / nh)
+    s = s + (slopes[:, None, None] * (j - i)).to(s.dtype)
+    s = bias2 + s
+    p = torch.softmax(s, dim=-1)
+    out = p @ v
+    return out
+''',
 ]

@@ -26,8 +26,10 @@ from hypothesis import strategies as st  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from fa_dynamo.kernels import triton_attention, triton_backward, triton_configs  # noqa: E402
+from fa_dynamo.kernels.alibi import Alibi  # noqa: E402
 from fa_dynamo.kernels.mask import Band, TileKind  # noqa: E402
 from fa_dynamo.kernels.segments import Segments  # noqa: E402
+from tests.kernels.test_alibi import _slopes, dense_alibi  # noqa: E402
 from tests.kernels.test_ops import _case, _check_accuracy, eager_attention  # noqa: E402
 from tests.kernels.test_segments import hidden_of, segment_ids  # noqa: E402
 
@@ -247,11 +249,12 @@ def test_backward_matches_float64(shape, masks, dtype, extra):
 def test_backward_with_bias_gradient_uses_the_reference():
     q, k, v, kw = _case((1, 2, 2, 20, 20, 16, 16), masks="bias")
     go = torch.randn(1, 2, 20, 16)
-    *grads, dbias = attention_triton_backward(
+    *grads, dbias, dslopes = attention_triton_backward(
         *map(_dev, (go, q, k, v, kw["bias"])), None, scale=0.25, softcap=0.0, fill=float("-inf"), band=Band(),
         block_q=16, needs_bias_grad=True,
     )
     assert dbias is not None and dbias.shape == kw["bias"].shape
+    assert dslopes is None
 
 
 # --- segment masks (packed sequences, chunked attention) ------------------------------------------
@@ -301,6 +304,55 @@ def test_segments_through_the_custom_ops():
     bwd_args = (go, q.detach(), k.detach(), v.detach(), None, None, out.detach(), lse, 0.25, 0.0, float("-inf"),
                 None, kw["hi"], 16, 16)
     torch.library.opcheck(torch.ops.fa_dynamo.attention_triton_backward.default, bwd_args, ids)
+
+
+# --- structural ALiBi ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, masks, dtype, form",
+    [((2, 4, 2, 37, 45, 16, 16), "causal", torch.float32, "bh"), ((1, 3, 1, 33, 40, 24, 24), "window", torch.bfloat16, "h"),
+     ((1, 2, 2, 20, 50, 16, 16), "bias+mask", torch.float32, "11")],
+)
+def test_alibi_forward_and_backward_match_float64(shape, masks, dtype, form):
+    """The slope times the tile's index difference, added in the kernels: forward and the FA2
+    backward against the bias written out."""
+    q, k, v, kw = _case(shape, dtype, masks, seed=6)
+    slopes = _slopes(shape[0], shape[1], form)
+    alibi = Alibi(_dev(slopes if slopes.dim() == 2 else slopes[None]))
+    scale, band = shape[5] ** -0.5, Band(kw.get("lo"), kw.get("hi"))
+    out, _ = attention_triton(_dev(q), _dev(k), _dev(v), _dev(kw.get("bias")), _dev(kw.get("mask")), scale=scale,
+                              softcap=0.0, fill=float("-inf"), band=band, block_q=16, block_k=16, alibi=alibi)
+    bias = dense_alibi(slopes, shape[3], shape[4]) + (kw["bias"].float() if "bias" in kw else 0)
+    dense = {**kw, "bias": bias.to(dtype)}
+    _check_accuracy(out.cpu(), q, k, v, {**dense, "bias": bias.double() if dtype == torch.float64 else dense["bias"]},
+                    scale)
+    go = torch.randn(out.shape).to(dtype)
+    ours = attention_triton_backward(
+        *map(_dev, (go, q, k, v, kw.get("bias"), kw.get("mask"))), scale=scale, softcap=0.0, fill=float("-inf"),
+        band=band, block_q=16, block_k=16, needs_bias_grad=False, alibi=alibi,
+    )[:3]
+    ref = _grads(q.double(), k.double(), v.double(), {**kw, "bias": bias.double()}, go.double(), scale)
+    same = _grads(q, k, v, dense, go, scale)
+    floor = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, a, r, e in zip("qkv", (g.cpu() for g in ours), ref, same):
+        err = (a.double() - r).nan_to_num().abs().max().item()
+        eager_err = (e.double() - r).nan_to_num().abs().max().item()
+        assert err <= 3 * eager_err + floor, f"d{name}: error {err:.3g} vs eager's {eager_err:.3g}"
+
+
+def test_alibi_through_the_custom_ops():
+    """fa_dynamo::attention with kernel='triton' and slopes; both custom ops pass opcheck."""
+    q, k, v, kw = _case((2, 4, 2, 21, 29, 16, 16), masks="causal")
+    q, k, v = (_dev(t).requires_grad_() for t in (q, k, v))
+    slopes = {"alibi_slopes": _dev(_slopes(2, 4, "bh"))}
+    args = (q, k, v, None, None, 0.25, 0.0, float("-inf"), None, kw["hi"], "triton", 16, 16)
+    torch.library.opcheck(torch.ops.fa_dynamo.attention.default, args, slopes)
+    out, lse = torch.ops.fa_dynamo.attention(*args, **slopes)
+    go = torch.randn_like(out)
+    bwd_args = (go, q.detach(), k.detach(), v.detach(), None, None, out.detach(), lse, 0.25, 0.0, float("-inf"),
+                None, kw["hi"], 16, 16)
+    torch.library.opcheck(torch.ops.fa_dynamo.attention_triton_backward.default, bwd_args, slopes)
 
 
 # --- per-architecture configs -------------------------------------------------------------------

@@ -642,8 +642,8 @@ def program(q, k, v):
     '''"""bf16_large_finite_bias_judged_by_eager: in bfloat16, ``triu(full(-10000)) + s`` keeps no
 digit of ``s`` (the ulp at 10000 is 64), so eager's own result is ~1.0 from the float64 run of the
 same program; the harness then refused to let float64 judge and failed a fused result that was
-closer to it than eager. The float64 run is now distrusted only for programs with finfo constants
-(whose values differ in float64). Found by the long profile, 2026-11-25 (harness fix)."""
+closer to it than eager. The float64 run is now distrusted only for programs with dtype-dependent
+constants (``torch.finfo``), whose values differ in float64. Found by the long profile, 2026-11-25 (harness fix)."""
 import math
 
 import torch

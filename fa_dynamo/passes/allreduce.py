@@ -257,6 +257,8 @@ def _world_size(reduce: fx.Node) -> int:
 _QUERY_ROW_DIM = {"q": 2, "bias": 2, "mask": 2, "q_segments": 1}
 _QUERY_OFFSETS = ("min_offset", "max_offset")
 _QUERY_INDEPENDENT = frozenset({"k", "v", "scale", "softcap", "fill", "kernel", "block_q", "block_k", "k_segments"})
+# Read relative to the call's first query row (ALiBi's slope · (j − i)): a row slice would shift it.
+_QUERY_RELATIVE = frozenset({"alibi_slopes"})
 
 
 def _split_attention_too(site: _Site, chunks: int) -> int:
@@ -301,8 +303,11 @@ def _match_attention(site: _Site) -> Optional[_AttentionChain]:
     for n in nodes:
         if len(n.users) != 1:
             raise NotSplit(f"{n.name} on the way from the attention to the matmul is also read elsewhere")
-    unknown = [a.name for a in attention.target._schema.arguments
-               if a.name not in _QUERY_ROW_DIM and a.name not in _QUERY_OFFSETS and a.name not in _QUERY_INDEPENDENT]
+    relative = [name for name in _QUERY_RELATIVE if attention.kwargs.get(name) is not None]
+    if relative:
+        raise NotSplit(f"the attention's {relative} count query rows from the call's first; a row slice would shift them")
+    known = (*_QUERY_ROW_DIM, *_QUERY_OFFSETS, *_QUERY_INDEPENDENT, *_QUERY_RELATIVE)
+    unknown = [a.name for a in attention.target._schema.arguments if a.name not in known]
     if unknown:
         raise NotSplit(f"the attention op's operands {unknown} are not known to be per query row or not")
     out = val(node)  # [B, H, Sq, Dv]

@@ -37,7 +37,7 @@ from fa_dynamo.logs import log
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.attention_rewrite import is_metadata_read, rewrite
 from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
-from fa_dynamo.passes.score_chain import fold_events
+from fa_dynamo.passes.score_chain import fold_events, settle_alibi
 from fa_dynamo.passes.manual_softmax import _row_max_of, canonicalize_manual_softmax
 from fa_dynamo.passes.matching import (
     aten, describe, dtype, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, python_scalar,
@@ -200,6 +200,8 @@ def _mask_kind(site: Site) -> str:
     if site.masks:
         small = all(shape(m) is not None and (len(shape(m)) < 2 or shape(m)[-2] == 1) for m, _ in site.masks)
         parts.append("padding" if small else "dense")
+    if site.alibi:
+        parts.append("alibi")
     if site.biases:
         parts.append("bias")
     return "+".join(parts) or "none"
@@ -231,6 +233,7 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
     fold_events(site, events)
     if sink is not None:
         _check_sink(site, *sink)
+    settle_alibi(site)
     return site
 
 
@@ -334,6 +337,11 @@ def _walk_scores(x: fx.Node, reads: list) -> tuple[list, fx.Node, Optional[tuple
             chain, other = (a, b) if _leads_to_scores(a) else (b, a)
             events.append(("bias", other, node))
             node = chain
+        elif is_op(node, aten.sub) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1 and \
+                isinstance(node.args[1], fx.Node) and _leads_to_scores(node.args[0]) and \
+                not _leads_to_scores(node.args[1]):  # s - t: t's negation is the bias
+            events.append(("bias", _negated(node.args[1], node), node))
+            node = node.args[0]
         elif is_op(node, *_MASKED_FILL):
             value = _fill_value(node.args[2], dtype(node))
             events.append(("fill", node.args[1], True, value, node))
@@ -391,6 +399,15 @@ def _check_sink(site: Site, scores: fx.Node, sink: fx.Node) -> None:
     if sink in writes_between(site.qk, site.pv):
         raise NotFusable(f"{sink.name} is modified in place after the scores read it")
     site.sink = sink
+
+
+def _negated(t: fx.Node, before: fx.Node) -> fx.Node:
+    """``-t`` as a node (with its ``val``) before ``before``; dead code if the site is not fused."""
+    mode = torch._guards.detect_fake_mode([t.meta.get("val")])
+    with before.graph.inserting_before(before), mode or contextlib.nullcontext():
+        neg = before.graph.call_function(aten.neg.default, (t,))
+        neg.meta["val"] = torch.neg(t.meta["val"])
+    return neg
 
 
 def _fill_value(arg: Any, scores_dtype: torch.dtype) -> float:

@@ -247,7 +247,7 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
             torch.ops.fa_dynamo.attention.default,
             (q, k, v, bias, mask, _emit_scale(graph, site), site.softcap, fill, lo, hi,
              config.kernel, config.block_q, config.block_k),
-            _emit_segments(graph, site, segments, sizes, q, k),
+            {**_emit_segments(graph, site, segments, sizes, q, k), **_emit_alibi(graph, site, sizes, q)},
         )
         out = graph.call_function(operator.getitem, (op, 0))
         if site.sink is not None:
@@ -318,6 +318,27 @@ def _emit_segments(graph: fx.Graph, site: Site, segments: Optional[SegmentIds], 
                     for d, t in zip(shape(site.qk)[-2:], (q, k)))
     q_ids, k_ids = segments.emit(graph, sizes[0] if len(sizes) == 2 else 1, num_q, num_k)
     return {"q_segments": q_ids, "k_segments": k_ids}
+
+
+def _emit_alibi(graph: fx.Graph, site: Site, sizes: list, q: fx.Node) -> dict:
+    """The op's ``alibi_slopes`` keyword argument, ``[B or 1, H or 1]`` float32 (none without):
+    each term's factor laid out as its bias's batch dims (checked in ``score_chain``), scaled."""
+    call, slopes = graph.call_function, None
+    for term in site.alibi:
+        if term.factor is None:
+            slope = call(aten.new_full.default, (q, [1, 1], term.scale), {"dtype": torch.float32})
+        else:
+            lead = list(shape(term.bias)[:-2])
+            if _same_size(math.prod(shape(term.factor)), 1):
+                layout = [1, 1]
+            elif term.bias in site.relayout:
+                layout = list(sizes)
+            else:
+                layout = _sizes_from(graph, [1] * (2 - len(lead)) + lead, [term.factor, q])
+            slope = call(aten.reshape.default, (term.factor, layout))
+            slope = call(aten.mul.Tensor, (call(aten._to_copy.default, (slope,), {"dtype": torch.float32}), term.scale))
+        slopes = slope if slopes is None else call(aten.add.Tensor, (slopes, slope))
+    return {} if slopes is None else {"alibi_slopes": slopes}
 
 
 def _relayout(graph: fx.Graph, node: fx.Node, sizes: list) -> fx.Node:

@@ -29,6 +29,19 @@ class Operand:
     transpose_last: bool = False  # then swap the last two dims
 
 
+@dataclass(frozen=True)
+class AlibiTerm:
+    """An additive bias read as ``slope · (j − i)`` (``mask_lifting.Slope``): the op gets
+    ``factor · scale`` as its ALiBi slopes. ``exact`` when the bias is that and nothing more;
+    otherwise it differs by a per-row constant, which softmax ignores but a finite fill or a
+    sink's log-sum-exp would not (``score_chain.settle_alibi``)."""
+
+    bias: fx.Node
+    factor: Optional[fx.Node]  # None: the same slope for every head
+    scale: float
+    exact: bool
+
+
 @dataclass
 class Site:
     softmax: fx.Node
@@ -51,3 +64,4 @@ class Site:
     relayout: set = field(default_factory=set)  # biases to reshape to the op's batch layout
     metadata_reads: list[fx.Node] = field(default_factory=list)  # size/dtype reads of scores or probs
     sink: Optional[fx.Node] = None  # per-head sink logits (gpt-oss), broadcastable to [*batch, 1, 1]
+    alibi: list[AlibiTerm] = field(default_factory=list)  # biases passed as slopes

@@ -19,6 +19,11 @@ Abstract values:
   a comparison of indices (``mask_segments.resolve_packed_positions``); the equality itself stays a
   dense factor, which ``mask_segments.lift_segments`` reads as segment ids.
 
+* ``Slope``: an index value times a tensor constant along the query and key axes (ALiBi:
+  ``slopes[:, None, None] * (j - i)``, MPT's ``arange(1 - S, 1) * slopes``); ``lift_slope``
+  returns it for an additive bias, which then reaches the op as per-head slopes
+  (``kernels/alibi.py``) instead of an Sq×Sk tensor.
+
 Offsets may be symbolic (``Offset`` keeps SymInt nodes), so a causal mask with a dynamic
 past length still lifts. Anything else makes ``lift`` return None: the caller passes the mask
 on as a dense tensor.
@@ -94,6 +99,17 @@ class Affine:
     const: Offset
     rank: int
     extents: tuple = ()  # ((pos_from_end, length of the arange along it), ...)
+
+
+@dataclass(frozen=True)
+class Slope:
+    """``coef · factor · index``: ``factor`` is a tensor of size 1 on the query and key axes
+    (per batch or head), or None for a plain number."""
+
+    index: Affine
+    factor: Optional[fx.Node]
+    coef: float
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -211,6 +227,12 @@ class _Interpreter:
             return self._slice(n)
         if is_op(n, aten.add, aten.sub):
             return self._add(n)
+        if is_op(n, aten.mul):
+            return self._mul(n)
+        if is_op(n, aten.neg):
+            return self._scaled(self.value(n.args[0]), -1)
+        if is_op(n, aten.squeeze):
+            return self._squeeze(n)
         if is_op(n, aten.le, aten.lt, aten.ge, aten.gt, aten.eq, aten.ne):
             return self._compare(n)
         if is_op(n, aten.bitwise_not, aten.logical_not):
@@ -236,6 +258,10 @@ class _Interpreter:
         return Affine(((-1, 1),), start_off, 1, ((-1, shape(n)[0]),))
 
     def _unsqueeze(self, x: Any, dim: int) -> Any:
+        if isinstance(x, Slope):
+            if normalize_dim(dim, x.rank + 1) > x.rank - 2:
+                raise _NotLiftable("unsqueeze moves the query/key axes of a position bias")
+            return replace(x, rank=x.rank + 1)
         if isinstance(x, Select):
             d = normalize_dim(dim, x.rank + 1)
             if d >= x.rank - 1 and (x.where != Interval() or x.dense):
@@ -283,15 +309,21 @@ class _Interpreter:
         start = n.args[2] if len(n.args) > 2 else 0
         step = n.args[4] if len(n.args) > 4 else 1
         start_off = Offset.of(start if start is not None else 0)
+        size = shape(n.args[0])[dim]
+        if start_off is not None and start_off.is_static and start_off.const < 0 and isinstance(size, int):
+            start_off = Offset(max(0, start_off.const + size))  # x[-n:] counts from the end
         if step != 1 or start_off is None or (start_off.is_static and start_off.const < 0):
             raise _NotLiftable("a slice with a step or a negative start")
         rank = x.rank
         pos = normalize_dim(dim, rank) - rank
         if getattr(x, "dense", ()):
             raise _NotLiftable("a slice of a mask with a data-dependent term")
-        if isinstance(x, Affine):
-            coef = dict(x.terms).get(pos, 0)
-            return replace(x, const=x.const + start_off.scaled(coef))
+        if isinstance(x, (Affine, Slope)):  # index values start + k along the sliced dim, k < its new length
+            index = x if isinstance(x, Affine) else x.index
+            coef = dict(index.terms).get(pos, 0)
+            extents = tuple((p, shape(n)[p] if p == pos else length) for p, length in index.extents)
+            index = replace(index, const=index.const + start_off.scaled(coef), extents=extents)
+            return index if isinstance(x, Affine) else replace(x, index=index)
         if pos == -2:  # rows i_new = i - start: j - i_new = (j - i) + start
             return replace(x, where=x.where.shifted(start_off))
         if pos == -1:
@@ -310,6 +342,58 @@ class _Interpreter:
             coefs[p] = coefs.get(p, 0) + sign * c
         return Affine(tuple((p, c) for p, c in coefs.items() if c), a.const + b.const.scaled(sign),
                       max(a.rank, b.rank), a.extents + b.extents)
+
+    def _mul(self, n: fx.Node) -> Union[Affine, Slope]:
+        """An index times an integer stays an index; times a float or a tensor constant along
+        the query and key axes it is a ``Slope``."""
+        a, b = (self._operand(arg) for arg in n.args[:2])
+        if not isinstance(a, (Affine, Slope)):
+            a, b = b, a
+        if not isinstance(a, (Affine, Slope)) or isinstance(b, (Affine, Slope)):
+            raise _NotLiftable("a product that is not an index times a constant")
+        if isinstance(b, fx.Node):
+            if not _constant_on_last_two(b, n):
+                raise _NotLiftable("a product with a tensor that varies along the query/key axes")
+            if isinstance(a, Slope) and a.factor is not None:
+                raise _NotLiftable("a position bias with two tensor factors")
+            index, coef = (a, 1.0) if isinstance(a, Affine) else (a.index, a.coef)
+            return Slope(index, b, coef, len(shape(n)))
+        return self._scaled(a, b)
+
+    def _operand(self, arg: Any) -> Any:
+        """``value(arg)``, or the node itself when the lifter cannot read it (a slopes tensor)."""
+        try:
+            x = self.value(arg)
+        except _NotLiftable:
+            if isinstance(arg, fx.Node) and arg not in self.mutated and isinstance(val(arg), torch.Tensor):
+                return arg
+            raise
+        if isinstance(x, Select) and x.inside == x.outside and not x.dense:
+            return x.inside  # a constant tensor: its value
+        return x
+
+    @staticmethod
+    def _scaled(x: Any, k: Any) -> Union[Affine, Slope]:
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise _NotLiftable("an index scaled by a non-constant")
+        if isinstance(x, Slope):
+            return replace(x, coef=x.coef * k)
+        if not isinstance(x, Affine):
+            raise _NotLiftable("a product of non-index values")
+        if isinstance(k, int):
+            return replace(x, terms=tuple((p, c * k) for p, c in x.terms), const=x.const.scaled(k))
+        return Slope(x, None, float(k), x.rank)
+
+    def _squeeze(self, n: fx.Node) -> Any:
+        """Dropping size-1 leading dims of an index or position bias."""
+        x = self.value(n.args[0])
+        before = shape(n.args[0])
+        dims = n.args[1] if len(n.args) > 1 else [d for d, size in enumerate(before) if size == 1]
+        dims = [normalize_dim(d, len(before)) for d in ([dims] if isinstance(dims, int) else dims)]
+        dropped = [d for d in dims if before[d] == 1]
+        if not isinstance(x, (Affine, Slope)) or any(d >= len(before) - 2 for d in dropped):
+            raise _NotLiftable("a squeeze of the query/key axes or of a mask")
+        return replace(x, rank=x.rank - len(dropped))
 
     @staticmethod
     def _affine(x: Any) -> Optional[Affine]:
@@ -457,11 +541,19 @@ class _Interpreter:
         raise _NotLiftable("a value that is not constant")
 
 
+def _constant_on_last_two(factor: fx.Node, product: fx.Node) -> bool:
+    """``factor`` broadcasts into ``product`` with size 1 along its query and key axes."""
+    f_shape, p_shape = shape(factor), shape(product)
+    return f_shape is not None and len(f_shape) <= len(p_shape) and all(d == 1 for d in tuple(f_shape)[-2:])
+
+
 def _check_extent(node: fx.Node, value: Any) -> None:
     """``Affine`` terms are exact row/column indices only over the arange they came from."""
     node_shape = shape(node)
     if node_shape is None:
         return
+    if isinstance(value, Slope):
+        value = value.index
     if isinstance(value, Affine):
         for pos, length in value.extents:
             if len(node_shape) < -pos or node_shape[pos] != length:
@@ -486,6 +578,27 @@ def lift_hidden_set(
         return None, str(e)
     if not isinstance(value, Select):
         return None, "the mask is not a function of (query, key) indices"
+    return value, ""
+
+
+def lift_slope(bias_node: fx.Node, scores_shape: tuple, mutated: frozenset = frozenset()) -> tuple[Optional[Slope], str]:
+    """Interpret an additive bias as a ``Slope`` over ``(i, j)``; ``(Slope, "")`` or ``(None, reason)``.
+
+    The bias must span the scores' keys; along the queries it may be 1 (a per-key bias such as
+    MPT's), and then it may not depend on the query index.
+    """
+    bshape = shape(bias_node)
+    if bshape is None or len(bshape) < 2 or bshape[-1] != scores_shape[-1] or bshape[-2] not in (1, scores_shape[-2]):
+        return None, "the bias does not have the scores' key length"
+    try:
+        value = _Interpreter(mutated).value(bias_node)
+    except _NotLiftable as e:
+        return None, str(e)
+    if not isinstance(value, Slope):
+        return None, "the bias is not a slope times (query, key) indices"
+    axes = {p for p, _ in value.index.terms}
+    if not axes <= {-1, -2} or (bshape[-2] != scores_shape[-2] and -2 in axes):
+        return None, "the bias is not a function of the query and key indices alone"
     return value, ""
 
 

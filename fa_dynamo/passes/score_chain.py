@@ -13,9 +13,10 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fa_dynamo.passes.attention_site import NotFusable, Site
-from fa_dynamo.passes.mask_lifting import Offset, lift_hidden_set
+from fa_dynamo.passes.attention_site import AlibiTerm, NotFusable, Site
+from fa_dynamo.passes.mask_lifting import Offset, lift_hidden_set, lift_slope
 from fa_dynamo.passes.matching import aten, dtype, round_to, shape, writes_between
 
 # A finite additive mask value this negative absorbs any score in float32/bfloat16
@@ -184,7 +185,40 @@ def _add_bias(site: Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple,
             return
     if not dtype(bias) or not dtype(bias).is_floating_point:
         raise NotFusable(f"a non-float tensor ({bias.name}) is added to the scores")
-    site.biases.append(_aligned(site, bias, scores_shape))
+    aligned = _aligned(site, bias, scores_shape)
+    term = _alibi_term(site, bias, scores_shape)
+    if term is not None:
+        site.alibi.append(term)
+        return
+    site.biases.append(aligned)
+
+
+def _alibi_term(site: Site, bias: fx.Node, scores_shape: tuple) -> Optional[AlibiTerm]:
+    """``bias`` as ALiBi slopes (``mask_lifting.lift_slope``), or None to keep it dense."""
+    slope, _ = lift_slope(bias, scores_shape, site.mutated)
+    if slope is None:
+        return None
+    terms = dict(slope.index.terms)
+    along_keys = terms.get(-1, 0)
+    lead = tuple(shape(bias)[:-2])
+    if slope.factor is not None:
+        f_numel = math.prod(shape(slope.factor))
+        if not (statically_known_true(f_numel == 1) or statically_known_true(f_numel == math.prod(lead))):
+            return None  # slopes that cannot be laid out as the bias's batch dims without guessing
+    exact = terms.get(-2, 0) == -along_keys and slope.index.const == Offset(0)
+    return AlibiTerm(bias, slope.factor, slope.coef * along_keys, exact)
+
+
+def settle_alibi(site: Site) -> None:
+    """Keep a slope bias that differs from ``slope · (j − i)`` by a per-row constant (``slope · j``)
+    only where softmax cannot see that constant: no sink reads the log-sum-exp, and hidden keys
+    are replaced by -inf or a value no score comes near (a finite fill like -5 gets a weight
+    relative to the row's scores). Otherwise the bias stays dense."""
+    fill_blind = site.fill is None or site.fill == float("-inf") or site.fill <= _ABSORBING
+    for term in list(site.alibi):
+        if not term.exact and (site.sink is not None or not fill_blind):
+            site.alibi.remove(term)
+            site.biases.append(term.bias)
 
 
 def _add_fill(site: Site, cond: fx.Node, hidden_where_true: bool, value: float, scores_shape: tuple) -> None:

@@ -204,6 +204,15 @@ def _bloom():  # ALiBi position bias, added through baddbmm
     )
 
 
+def _mpt():  # ALiBi built from an arange longer than the input and sliced (a per-key slope · j)
+    return transformers.MptForCausalLM(
+        transformers.MptConfig(
+            vocab_size=VOCAB, d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=128, resid_pdrop=0,
+            emb_pdrop=0, initializer_range=INIT, **_IDS, **_EAGER,
+        )
+    )
+
+
 def _falcon():  # multi-query, rotary, parallel attention (the 7B layout)
     return transformers.FalconForCausalLM(
         transformers.FalconConfig(
@@ -311,6 +320,7 @@ FAMILIES: dict[str, Family] = {
         Family("opt", "decoder", _opt, note="learned positions from the attention mask"),
         Family("bloom", "decoder", _bloom, note="ALiBi through baddbmm"),
         Family("falcon", "decoder", _falcon, note="multi-query, 7B layout"),
+        Family("mpt", "decoder", _mpt, note="ALiBi from a sliced arange (structural slopes)"),
         Family("bert", "encoder", _bert, note="bidirectional, key padding"),
         Family("roberta", "encoder", _roberta, pad_token_id=1, note="bidirectional, key padding"),
         Family("t5", "seq2seq", _t5, note="relative position bias, no scaling, cross-attention"),

@@ -598,7 +598,7 @@ def row_max_before_a_mask(q, k, v):  # the fill is not shifted by the row max: n
     "fn, reason",
     [(finite_fill_then_bias, "filled with a finite value"), (bias_before_and_after_fill, "before and after"),
      (column_varying_along_queries, "varies along the queries"), (sink_probability_kept, "reaches P·V"),
-     (row_max_before_a_mask, "aten.sub")],
+     (row_max_before_a_mask, "also used outside the attention")],
     ids=lambda x: getattr(x, "__name__", ""),
 )
 def test_survey_near_misses_stay_unfused_with_the_reason(fn, reason):

@@ -34,3 +34,16 @@ def test_segments_replace_the_square_mask(family, case, with_segments):
     assert all(n.args[9] == 0 for n in ops), "the causal band is lifted"
     squares = [n.format_node() for gm in m.afters for n in gm.graph.nodes if _square(n)]
     assert not squares, f"Sq×Sk tensors left in the compiled graph: {squares}"
+
+
+@pytest.mark.parametrize("case", ["nopad", "pad_left", "decode"])
+def test_mpt_alibi_reaches_the_op_as_slopes(case):
+    """MPT builds ALiBi as ``arange(1 - L, 1) * slopes`` over ``max_seq_len`` and slices it: the op
+    gets per-head slopes and no bias tensor; outputs equal eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = measure_fastattention(build_case("mpt", case))
+    torch.testing.assert_close(m.actual[m.valid], m.expected[m.valid], atol=1e-4, rtol=1e-4)
+    assert m.fused == m.sites == 2
+    ops = [n for gm in m.afters for n in gm.graph.nodes if n.target is ATTENTION_OP]
+    assert all(n.kwargs.get("alibi_slopes") is not None and n.args[3] is None for n in ops)

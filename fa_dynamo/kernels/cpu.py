@@ -33,8 +33,10 @@ _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # exp(x) is exactly 0 in float32 below this: a masked score this far under the row's
 # log-sum-exp contributes nothing, whether it was filled with -inf or with a finite value.
 _NEGLIGIBLE_LOG = -110.0
-# Below this a float32 lse cannot hold log(n) (its ulp exceeds it): such rows are recomputed.
-_HUGE_NEGATIVE = -1e30
+# Beyond this magnitude a float32 lse holds log-counts to worse than 0.06 (ulp 2^-4 at 1e6):
+# merging partial results by it would weigh a run of tied keys (scores of -1e9 + s, which
+# float32 rounds to one value) as one key. Such rows are recomputed whole by the reference.
+_HUGE_LSE = 1e6
 
 
 def _slice_keys(t: Optional[torch.Tensor], k0: int, k1: int) -> Optional[torch.Tensor]:
@@ -210,9 +212,9 @@ def unserved_rows(
 ) -> torch.Tensor:
     """Bool ``[B, H, Sq]``: rows a fast kernel (masked scores dropped, ``lse`` from what it saw)
     cannot serve exactly — no visible key, a finite fill value that is not negligible, or an
-    lse so negative (a finfo.min bias hiding the whole row) that float32 lost log(n) next to it
-    and merging partial results by it would be wrong."""
-    unserved = torch.isneginf(lse) | (lse < _HUGE_NEGATIVE)
+    lse so large (a -1e9 or finfo.min bias hiding the whole row) that float32 lost log(n) next
+    to it and merging partial results by it would be wrong."""
+    unserved = torch.isneginf(lse) | (lse.abs() > _HUGE_LSE)
     if math.isfinite(fill) and (mask is not None or segments is not None or not band.is_unbounded):
         unserved |= fill > lse + (_NEGLIGIBLE_LOG - math.log(num_keys))
     return unserved

@@ -247,7 +247,7 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
             torch.ops.fa_dynamo.attention.default,
             (q, k, v, bias, mask, _emit_scale(graph, site), site.softcap, fill, lo, hi,
              config.kernel, config.block_q, config.block_k),
-            {**_emit_segments(graph, site, segments, sizes, q, k), **_emit_alibi(graph, site, sizes, q)},
+            {**_emit_segments(graph, site, segments, sizes, q, k), **_emit_alibi(graph, site, sizes, q, op_dtype)},
         )
         out = graph.call_function(operator.getitem, (op, 0))
         if site.sink is not None:
@@ -320,13 +320,15 @@ def _emit_segments(graph: fx.Graph, site: Site, segments: Optional[SegmentIds], 
     return {"q_segments": q_ids, "k_segments": k_ids}
 
 
-def _emit_alibi(graph: fx.Graph, site: Site, sizes: list, q: fx.Node) -> dict:
-    """The op's ``alibi_slopes`` keyword argument, ``[B or 1, H or 1]`` float32 (none without):
-    each term's factor laid out as its bias's batch dims (checked in ``score_chain``), scaled."""
+def _emit_alibi(graph: fx.Graph, site: Site, sizes: list, q: fx.Node, op_dtype: torch.dtype) -> dict:
+    """The op's ``alibi_slopes`` keyword argument, ``[B or 1, H or 1]`` in the op's compute dtype
+    (float32, float64 for float64 inputs; none without): each term's factor laid out as its bias's
+    batch dims (checked in ``score_chain``), scaled."""
     call, slopes = graph.call_function, None
+    compute = torch.float64 if op_dtype == torch.float64 else torch.float32
     for term in site.alibi:
         if term.factor is None:
-            slope = call(aten.new_full.default, (q, [1, 1], term.scale), {"dtype": torch.float32})
+            slope = call(aten.new_full.default, (q, [1, 1], term.scale), {"dtype": compute})
         else:
             lead = list(shape(term.bias)[:-2])
             if _same_size(math.prod(shape(term.factor)), 1):
@@ -336,7 +338,7 @@ def _emit_alibi(graph: fx.Graph, site: Site, sizes: list, q: fx.Node) -> dict:
             else:
                 layout = _sizes_from(graph, [1] * (2 - len(lead)) + lead, [term.factor, q])
             slope = call(aten.reshape.default, (term.factor, layout))
-            slope = call(aten.mul.Tensor, (call(aten._to_copy.default, (slope,), {"dtype": torch.float32}), term.scale))
+            slope = call(aten.mul.Tensor, (call(aten._to_copy.default, (slope,), {"dtype": compute}), term.scale))
         slopes = slope if slopes is None else call(aten.add.Tensor, (slopes, slope))
     return {} if slopes is None else {"alibi_slopes": slopes}
 

@@ -110,6 +110,7 @@ class Slope:
     factor: Optional[fx.Node]
     coef: float
     rank: int
+    dtype: Optional[torch.dtype] = None  # what the product was computed in (None: a Python number)
 
 
 @dataclass(frozen=True)
@@ -357,8 +358,9 @@ class _Interpreter:
             if isinstance(a, Slope) and a.factor is not None:
                 raise _NotLiftable("a position bias with two tensor factors")
             index, coef = (a, 1.0) if isinstance(a, Affine) else (a.index, a.coef)
-            return Slope(index, b, coef, len(shape(n)))
-        return self._scaled(a, b)
+            return Slope(index, b, coef, len(shape(n)), val(n).dtype)
+        scaled = self._scaled(a, b)
+        return replace(scaled, dtype=val(n).dtype) if isinstance(scaled, Slope) else scaled
 
     def _operand(self, arg: Any) -> Any:
         """``value(arg)``, or the node itself when the lifter cannot read it (a slopes tensor)."""

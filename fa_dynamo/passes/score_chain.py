@@ -186,17 +186,22 @@ def _add_bias(site: Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple,
     if not dtype(bias) or not dtype(bias).is_floating_point:
         raise NotFusable(f"a non-float tensor ({bias.name}) is added to the scores")
     aligned = _aligned(site, bias, scores_shape)
-    term = _alibi_term(site, bias, scores_shape)
+    term = _alibi_term(site, bias, scores_shape, dtype(add_node))
     if term is not None:
         site.alibi.append(term)
         return
     site.biases.append(aligned)
 
 
-def _alibi_term(site: Site, bias: fx.Node, scores_shape: tuple) -> Optional[AlibiTerm]:
-    """``bias`` as ALiBi slopes (``mask_lifting.lift_slope``), or None to keep it dense."""
+def _alibi_term(site: Site, bias: fx.Node, scores_shape: tuple, scores_dtype) -> Optional[AlibiTerm]:
+    """``bias`` as ALiBi slopes (``mask_lifting.lift_slope``), or None to keep it dense. A bias
+    computed coarser than the scores (float32 slopes in a float64 program) stays dense: eager adds
+    its rounding, which the op, computing the bias afresh, would not reproduce."""
     slope, _ = lift_slope(bias, scores_shape, site.mutated)
     if slope is None:
+        return None
+    if slope.dtype is not None and scores_dtype is not None and \
+            torch.finfo(slope.dtype).eps > torch.finfo(scores_dtype).eps:
         return None
     terms = dict(slope.index.terms)
     along_keys = terms.get(-1, 0)

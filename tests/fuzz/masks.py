@@ -290,13 +290,27 @@ def _mask_segments(draw, w: Writer, fill: str, state: dict, shapes: list) -> Non
     _apply_visible(draw, w, same, fill, state)
 
 
+# ALiBi spellings: the relative S×S form, its negation, a per-key slope · j (BLOOM/MPT: a per-row
+# offset from the relative form), MPT's arange built over a longer buffer and sliced from the end,
+# one slope for every head, and the symmetric encoder form (which is not a linear slope).
+ALIBI_FORMS = {
+    "relative": "(slopes[:, None, None] * (j - i)).to(s.dtype)",
+    "negated": "(-slopes.view(-1, 1, 1) * (i - j)).to(s.dtype)",
+    "per_key": "(slopes[:, None, None] * j).to(s.dtype)",
+    "sliced_buffer": f"(torch.arange(1 - {BUFFER}, 1).view(1, 1, {BUFFER}) * slopes.view(-1, 1, 1))[:, :, -sk:].to(s.dtype)",
+    "scalar": "(0.25 * (j - i)).to(s.dtype)",
+    "symmetric": "(-slopes[:, None, None] * (j - i).abs()).to(s.dtype)",
+}
+
+
 def _mask_alibi(draw, w: Writer, fill: str, state: dict, shapes: list) -> None:
-    """ALiBi computed in the graph: a per-head slope times the signed distance j - i."""
+    """ALiBi computed in the graph: a per-head slope times a distance (``ALIBI_FORMS``)."""
     _indices(w, state)
-    w.tag("alibi", "graph")
+    form = draw(st.sampled_from(sorted(ALIBI_FORMS)))
+    w.tag("alibi", form)
     w("nh = s.shape[1]")
     w("slopes = torch.exp2(-8.0 * torch.arange(1, nh + 1) / nh)")
-    _apply_additive(draw, w, "(slopes[:, None, None] * (j - i)).to(s.dtype)", state)
+    _apply_additive(draw, w, ALIBI_FORMS[form], state)
 
 
 def _mask_band_and_padding(draw, w: Writer, fill: str, state: dict, shapes: list) -> None:

@@ -212,3 +212,18 @@ def test_tiled_kernel_never_allocates_a_score_matrix(band):
         attention_cpu(q, k, v, None, None, scale=0.2, softcap=0.0, fill=float("-inf"),
                       band=Band(*band), block_q=128, block_k=128)
     assert mode.largest <= q.numel(), f"largest intermediate has {mode.largest} elements"
+
+
+@pytest.mark.parametrize("kernel", TESTED_KERNELS)
+def test_huge_finite_bias_rows_follow_eager(kernel):
+    """A -1e9 bias on every visible key of a row: float32 rounds ``s - 1e9`` to one value, so eager
+    averages the visible keys uniformly. An lse of -1e9 cannot hold log(count) next to it (ulp 64),
+    so a kernel merging tiles by their lse would weigh each tile as one key; such rows must be
+    recomputed whole (found by the long fuzz profile: error 1.83 vs eager's 0.68 against float64)."""
+    q, k, v, kw = _case((1, 1, 1, 6, 6, 13, 13), masks="causal", seed=4)
+    bias = torch.randn(1, 1, 6, 6).masked_fill(torch.rand(1, 1, 6, 6) < 0.7, -1e9)
+    bias[..., 5, :] = -1e9  # row 5 sees keys 0-5: a run of full tiles and a partial one
+    out = fa_dynamo.attention(q, k, v, bias=bias, max_offset=0, kernel=kernel, block_q=3, block_k=2)
+    _check_accuracy(out, q, k, v, {**kw, "bias": bias}, 13 ** -0.5)
+    eager = eager_attention(q, k, v, bias=bias, scale=13 ** -0.5, hi=0)
+    torch.testing.assert_close(out[..., 5, :], eager[..., 5, :])

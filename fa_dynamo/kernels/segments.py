@@ -39,9 +39,26 @@ class Segments(NamedTuple):
     def tile(self, q0: int, q1: int, k0: int, k1: int) -> "Segments":
         return Segments(self.q[:, q0:q1], self.k[:, k0:k1])
 
+    def key_runs(self) -> Optional[torch.Tensor]:
+        """``[B, Sq, 2]`` int32: for each query, the keys ``[first, last + 1)`` holding its id
+        (a contiguous run when the key ids never decrease), or None when they are unsorted."""
+        return _runs(self.k, self.q)
+
+    def query_runs(self) -> Optional[torch.Tensor]:
+        """``[B, Sk, 2]`` int32: for each key, the queries holding its id (see ``key_runs``)."""
+        return _runs(self.q, self.k)
+
     def hidden(self) -> torch.Tensor:
         """Bool ``[B, 1, Sq, Sk]``: True where the ids differ (the key is masked out)."""
         return (self.q[:, :, None] != self.k[:, None, :]).unsqueeze(1)
+
+
+def _runs(ids: torch.Tensor, of: torch.Tensor) -> Optional[torch.Tensor]:
+    if ids.shape[1] > 1 and not bool((ids[:, 1:] >= ids[:, :-1]).all()):
+        return None
+    ids, of = ids.contiguous(), of.to(ids.dtype).contiguous()
+    first = torch.searchsorted(ids, of, right=False)
+    return torch.stack([first, torch.searchsorted(ids, of, right=True)], dim=-1).to(torch.int32).contiguous()
 
 
 def combine(a: TileKind, b: TileKind) -> TileKind:

@@ -118,6 +118,22 @@ def _tile_ranges(row0, row_last, num_cols, lo, hi, HAS_LO: tl.constexpr, HAS_HI:
 
 
 @triton.jit
+def _segment_clip(start, full_start, full_end, end, run_ptrs, rows_ok, num_cols, BLOCK: tl.constexpr):
+    """The loop bounds of ``_tile_ranges`` clipped to the columns whose segment id one of the rows
+    holds: ``run_ptrs`` point at each row's ``[first, last + 1)`` column run (sorted ids), so
+    tiles of other packed sequences or chunks are never visited."""
+    col_lo = tl.min(tl.load(run_ptrs, mask=rows_ok, other=num_cols), 0)
+    col_hi = tl.max(tl.load(run_ptrs + 1, mask=rows_ok, other=0), 0)
+    col_lo = (col_lo // BLOCK) * BLOCK  # tiles start on the grid
+    col_hi = tl.maximum(col_hi, col_lo)
+    start = tl.minimum(tl.maximum(start, col_lo), col_hi)
+    full_start = tl.minimum(tl.maximum(full_start, col_lo), col_hi)
+    full_end = tl.minimum(tl.maximum(full_end, col_lo), col_hi)
+    end = tl.minimum(tl.maximum(end, col_lo), col_hi)
+    return start, full_start, full_end, end
+
+
+@triton.jit
 def _band_keep(rows, cols, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
     """Bool ``[len(rows), len(cols)]``: True where ``lo <= col - row <= hi``."""
     diff = cols[None, :] - rows[:, None]
@@ -190,19 +206,20 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Bias, Mask, QSeg, KSeg, Slopes, Out, Lse,
+    Q, K, V, Bias, Mask, QSeg, KSeg, Slopes, SegRuns, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
     stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n, stride_slope_b, stride_slope_h,
+    stride_runs_b, stride_runs_m,
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, group, num_q, num_k, lo, hi, scale, softcap,
     Q_CLASS, K_CLASS,  # autotuning keys (sequence-length buckets), unused by the kernel
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr, SEG_SKIP: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -243,6 +260,10 @@ def _attn_fwd(
     row0 = start_m * BLOCK_M
     row_last = tl.minimum(row0 + BLOCK_M, num_q) - 1
     start, full_start, full_end, end = _tile_ranges(row0, row_last, num_k, lo, hi, HAS_LO, HAS_HI, BLOCK_N)
+    if SEG_SKIP:
+        run_ptrs = SegRuns + off_b * stride_runs_b + offs_m * stride_runs_m
+        start, full_start, full_end, end = _segment_clip(start, full_start, full_end, end, run_ptrs, row_ok, num_k,
+                                                         BLOCK_N)
     for_tiles = (
         k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
         stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
@@ -337,6 +358,14 @@ def _segment_args(segments: Optional[Segments], like: torch.Tensor):
     return segments.q, segments.k, (*segments.q.stride(), *segments.k.stride())
 
 
+def _run_args(runs: Optional[torch.Tensor], like: torch.Tensor):
+    """``(runs, its two leading strides, SEG_SKIP)`` for ``Segments.key_runs``/``query_runs``;
+    a dummy and no skipping when absent (no segments, or ids that are not sorted)."""
+    if runs is None:
+        return like, (0, 0), False
+    return runs, runs.stride()[:2], True
+
+
 def _alibi_args(alibi: Optional[Alibi], q: torch.Tensor):
     """``(slopes broadcast to [B, Hq], its two strides)``; a dummy when absent."""
     if alibi is None:
@@ -403,14 +432,15 @@ def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k, seg
     mask_t, mask_s = _dense_args(mask, full, q)
     q_ids, k_ids, seg_s = _segment_args(segments, q)
     slopes, slope_s = _alibi_args(alibi, q)
+    runs, runs_s, seg_skip = _run_args(None if segments is None else segments.key_runs(), q)
     args = (
-        q, k, v, bias_t, mask_t, q_ids, k_ids, slopes, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *seg_s, *slope_s, *out.stride(),
+        q, k, v, bias_t, mask_t, q_ids, k_ids, slopes, runs, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *seg_s, *slope_s, *runs_s, *out.stride(),
         heads, heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, scale, softcap,
         _seq_class(num_q), _seq_class(num_k),
     )
     grid = lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    consts = _constexprs(q, v, bias, mask, softcap, band, segments, alibi)
+    consts = dict(_constexprs(q, v, bias, mask, softcap, band, segments, alibi), SEG_SKIP=seg_skip)
     _launch(_attn_fwd, grid, args, consts, q, block_q, block_k, bias, mask)
     return out, lse
 

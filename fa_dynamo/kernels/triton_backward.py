@@ -31,6 +31,8 @@ from fa_dynamo.kernels.triton_attention import (
     _RESOURCE_ERRORS,
     LOG2E,
     _alibi_args,
+    _run_args,
+    _segment_clip,
     _band_keep,
     _constexprs,
     _dense_args,
@@ -104,7 +106,7 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, Slopes, DK, DV,
+    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, Slopes, SegRuns, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -112,13 +114,14 @@ def _attn_bwd_dkdv(
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
     stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n, stride_slope_b, stride_slope_h,
+    stride_runs_b, stride_runs_m,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_heads, num_kv_heads, group, num_q, num_k, lo, hi, scale, softcap,
     Q_CLASS, K_CLASS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr, SEG_SKIP: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -149,6 +152,10 @@ def _attn_bwd_dkdv(
     row0 = start_n * BLOCK_N
     row_last = tl.minimum(row0 + BLOCK_N, num_k) - 1
     start, full_start, full_end, end = _tile_ranges(row0, row_last, num_q, -hi, -lo, HAS_HI, HAS_LO, BLOCK_M)
+    if SEG_SKIP:  # the query runs of these keys' ids
+        run_ptrs = SegRuns + off_b * stride_runs_b + offs_n * stride_runs_m
+        start, full_start, full_end, end = _segment_clip(start, full_start, full_end, end, run_ptrs, key_ok, num_q,
+                                                         BLOCK_M)
     for g in range(0, group):  # the query heads that read this key/value head
         off_h = off_hkv * group + g
         q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm
@@ -240,7 +247,7 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, Slopes, DQ,
+    Q, K, V, DO, Lse, Delta, Bias, Mask, QSeg, KSeg, Slopes, SegRuns, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -248,12 +255,13 @@ def _attn_bwd_dq(
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
     stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n, stride_slope_b, stride_slope_h,
+    stride_runs_b, stride_runs_m,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     num_heads, group, num_q, num_k, lo, hi, scale, softcap,
     Q_CLASS, K_CLASS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr, SEG_SKIP: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -296,6 +304,10 @@ def _attn_bwd_dq(
     row0 = start_m * BLOCK_M
     row_last = tl.minimum(row0 + BLOCK_M, num_q) - 1
     start, full_start, full_end, end = _tile_ranges(row0, row_last, num_k, lo, hi, HAS_LO, HAS_HI, BLOCK_N)
+    if SEG_SKIP:
+        run_ptrs = SegRuns + off_b * stride_runs_b + offs_m * stride_runs_m
+        start, full_start, full_end, end = _segment_clip(start, full_start, full_end, end, run_ptrs, row_ok, num_k,
+                                                         BLOCK_N)
     for_tiles = (
         k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
         stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
@@ -418,6 +430,8 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
     mask_t, mask_s = _dense_args(mask, full, q)
     q_ids, k_ids, seg_s = _segment_args(segments, q)
     slopes, slope_s = _alibi_args(alibi, q)
+    key_runs, key_runs_s, skip_keys = _run_args(None if segments is None else segments.key_runs(), q)
+    query_runs, query_runs_s, skip_queries = _run_args(None if segments is None else segments.query_runs(), q)
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
@@ -428,14 +442,15 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
     try:
         _launch(
             _attn_bwd_dkdv, lambda meta: (triton.cdiv(num_k, meta["BLOCK_N"]), batch * kv_heads),
-            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, slopes, dk, dv, *strides, *dk.stride(),
-             *dv.stride(), heads, kv_heads, *common),
-            consts, q, block_q, block_k, bias, mask, backward=True,
+            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, slopes, query_runs, dk, dv, *strides,
+             *query_runs_s, *dk.stride(), *dv.stride(), heads, kv_heads, *common),
+            dict(consts, SEG_SKIP=skip_queries), q, block_q, block_k, bias, mask, backward=True,
         )
         _launch(
             _attn_bwd_dq, lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads),
-            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, slopes, dq, *strides, *dq.stride(), heads, *common),
-            consts, q, block_q, block_k, bias, mask, backward=True,
+            (q, k, v, grad_out, lse_k, delta, bias_t, mask_t, q_ids, k_ids, slopes, key_runs, dq, *strides, *key_runs_s,
+             *dq.stride(), heads, *common),
+            dict(consts, SEG_SKIP=skip_keys), q, block_q, block_k, bias, mask, backward=True,
         )
     except _RESOURCE_ERRORS as e:
         _say_once(f"fa_dynamo: no triton backward tile config fits this GPU ({type(e).__name__}); using the reference")

@@ -40,6 +40,7 @@ class AlibiTerm:
     factor: Optional[fx.Node]  # None: the same slope for every head
     scale: float
     exact: bool
+    absolute: bool = False  # ``scale · |j − i|``: a slope only once the band fixes the sign of j − i
 
 
 @dataclass

@@ -111,6 +111,7 @@ class Slope:
     coef: float
     rank: int
     dtype: Optional[torch.dtype] = None  # what the product was computed in (None: a Python number)
+    absolute: bool = False  # the magnitude ``|index|`` (encoder ALiBi's ``|i - j|``)
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,8 @@ class _Interpreter:
             return self._scaled(self.value(n.args[0]), -1)
         if is_op(n, aten.squeeze):
             return self._squeeze(n)
+        if is_op(n, aten.abs):
+            return self._abs(self.value(n.args[0]))
         if is_op(n, aten.le, aten.lt, aten.ge, aten.gt, aten.eq, aten.ne):
             return self._compare(n)
         if is_op(n, aten.bitwise_not, aten.logical_not):
@@ -357,8 +360,8 @@ class _Interpreter:
                 raise _NotLiftable("a product with a tensor that varies along the query/key axes")
             if isinstance(a, Slope) and a.factor is not None:
                 raise _NotLiftable("a position bias with two tensor factors")
-            index, coef = (a, 1.0) if isinstance(a, Affine) else (a.index, a.coef)
-            return Slope(index, b, coef, len(shape(n)), val(n).dtype)
+            slope = Slope(a, None, 1.0, a.rank) if isinstance(a, Affine) else a
+            return replace(slope, factor=b, rank=len(shape(n)), dtype=val(n).dtype)
         scaled = self._scaled(a, b)
         return replace(scaled, dtype=val(n).dtype) if isinstance(scaled, Slope) else scaled
 
@@ -385,6 +388,13 @@ class _Interpreter:
         if isinstance(k, int):
             return replace(x, terms=tuple((p, c * k) for p, c in x.terms), const=x.const.scaled(k))
         return Slope(x, None, float(k), x.rank)
+
+    @staticmethod
+    def _abs(x: Any) -> Slope:
+        """``|index|``: a slope whose sign ``score_chain.settle_alibi`` resolves from the band."""
+        if not isinstance(x, Affine):
+            raise _NotLiftable("abs of a non-index value")
+        return Slope(x, None, 1.0, x.rank, absolute=True)
 
     def _squeeze(self, n: fx.Node) -> Any:
         """Dropping size-1 leading dims of an index or position bias."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -211,6 +212,8 @@ def _alibi_term(site: Site, bias: fx.Node, scores_shape: tuple, scores_dtype) ->
         if not (statically_known_true(f_numel == 1) or statically_known_true(f_numel == math.prod(lead))):
             return None  # slopes that cannot be laid out as the bias's batch dims without guessing
     exact = terms.get(-2, 0) == -along_keys and slope.index.const == Offset(0)
+    if slope.absolute:  # |a·(j − i)| = |a|·|j − i|; any other magnitude stays dense
+        return AlibiTerm(bias, slope.factor, slope.coef * abs(along_keys), exact, absolute=True) if exact else None
     return AlibiTerm(bias, slope.factor, slope.coef * along_keys, exact)
 
 
@@ -220,10 +223,22 @@ def settle_alibi(site: Site) -> None:
     are replaced by -inf or a value no score comes near (a finite fill like -5 gets a weight
     relative to the row's scores). Otherwise the bias stays dense."""
     fill_blind = site.fill is None or site.fill == float("-inf") or site.fill <= _ABSORBING
-    for term in list(site.alibi):
-        if not term.exact and (site.sink is not None or not fill_blind):
+    sign = _distance_sign(site)
+    for n, term in enumerate(list(site.alibi)):
+        if term.absolute and sign is not None:  # |j − i| = ±(j − i) on every visible key
+            site.alibi[n] = replace(term, scale=term.scale * sign, absolute=False)
+        elif term.absolute or (not term.exact and (site.sink is not None or not fill_blind)):
             site.alibi.remove(term)
             site.biases.append(term.bias)
+
+
+def _distance_sign(site: Site) -> Optional[int]:
+    """The sign of ``j − i`` on every key the band lets a query see (causal: -1), or None."""
+    if site.band_hi is not None and site.band_hi.is_static and site.band_hi.const <= 0:
+        return -1
+    if site.band_lo is not None and site.band_lo.is_static and site.band_lo.const >= 0:
+        return 1
+    return None
 
 
 def _add_fill(site: Site, cond: fx.Node, hidden_where_true: bool, value: float, scores_shape: tuple) -> None:

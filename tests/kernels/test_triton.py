@@ -291,6 +291,29 @@ def test_segments_forward_and_backward_match_float64(layout, shape, masks, dtype
         assert err <= 3 * eager_err + floor, f"d{name}: error {err:.3g} vs eager's {eager_err:.3g}"
 
 
+def test_tiles_of_other_segments_are_never_read():
+    """With sorted ids, key tiles holding no id of a query tile's rows are skipped: NaN in them
+    leaves the kernel's own forward and dq/dk/dv of the other keys unchanged."""
+    q, k, v, _ = _case((1, 2, 1, 64, 64, 16, 16), masks="none", seed=1)
+    ids = torch.arange(64).div(32, rounding_mode="floor")[None]  # two packed sequences of 32
+    segments = Segments(_dev(ids), _dev(ids))
+    kw = dict(scale=0.25, softcap=0.0, band=Band(), block_q=16, block_k=16, segments=segments)
+    clean, lse = triton_attention._forward(*map(_dev, (q, k, v)), None, None, **kw)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 40:], v2[:, :, 40:] = float("nan"), float("nan")  # keys of the second sequence
+    poisoned, _ = triton_attention._forward(*map(_dev, (q, k2, v2)), None, None, **kw)
+    assert not clean.isnan().any()
+    assert torch.equal(clean[:, :, :32], poisoned[:, :, :32])
+    go = _dev(torch.randn(clean.shape))
+    args = (go, *map(_dev, (q, k, v)), None, None, clean, lse, 0.25, 0.0, float("-inf"), None, None, 16, 16)
+    grads = torch.ops.fa_dynamo.attention_triton_backward(*args, q_segments=segments.q, k_segments=segments.k)
+    args2 = (go, *map(_dev, (q, k2, v2)), None, None, clean, lse, 0.25, 0.0, float("-inf"), None, None, 16, 16)
+    grads2 = torch.ops.fa_dynamo.attention_triton_backward(*args2, q_segments=segments.q, k_segments=segments.k)
+    assert torch.equal(grads[0][:, :, :32], grads2[0][:, :, :32]), "dq of the first sequence read other keys"
+    for g, g2 in zip(grads[1:], grads2[1:]):
+        assert torch.equal(g[:, :, :32], g2[:, :, :32]), "dk/dv of the first sequence's keys changed"
+
+
 def test_segments_through_the_custom_ops():
     """fa_dynamo::attention with kernel='triton' and segment ids; both custom ops pass opcheck."""
     q, k, v, kw = _case((2, 4, 2, 21, 29, 16, 16), masks="causal")

@@ -28,7 +28,7 @@ SUITES = {
                  "~25-30 min (--quick ~3 min, --tiny ~1 min)"),
     "gpu": Suite("benchmarks.bench_attention_gpu", "op-level GPU attention (needs CUDA)",
                  "GPU only; --smoke ~30 s on CPU"),
-    "coverage": Suite("benchmarks.coverage", "which attention sites fuse on 20 transformers families",
+    "coverage": Suite("benchmarks.coverage", "which attention sites fuse on the transformers corpus",
                       "12-30 min (--no-inductor 3-5 min)"),
     "allreduce": Suite("benchmarks.bench_allreduce", "tiling all_reduce on 2 gloo ranks", "~5 min (--quick < 1 min)"),
 }

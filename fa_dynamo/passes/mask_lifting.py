@@ -584,13 +584,16 @@ def lift_hidden_set(
     mshape = shape(mask_node)
     if mshape is None or len(mshape) < 2 or tuple(mshape[-2:]) != tuple(scores_shape[-2:]):
         return None, "the mask does not have the scores' query/key shape"
+    return _interpret(mask_node, mutated, Select, "the mask is not a function of (query, key) indices")
+
+
+def _interpret(node: fx.Node, mutated: frozenset, kind: type, not_kind: str) -> tuple[Any, str]:
+    """``(value, "")`` when ``node`` interprets to a ``kind``, else ``(None, why not)``."""
     try:
-        value = _Interpreter(mutated).value(mask_node)
+        value = _Interpreter(mutated).value(node)
     except _NotLiftable as e:
         return None, str(e)
-    if not isinstance(value, Select):
-        return None, "the mask is not a function of (query, key) indices"
-    return value, ""
+    return (value, "") if isinstance(value, kind) else (None, not_kind)
 
 
 def lift_slope(bias_node: fx.Node, scores_shape: tuple, mutated: frozenset = frozenset()) -> tuple[Optional[Slope], str]:
@@ -602,12 +605,9 @@ def lift_slope(bias_node: fx.Node, scores_shape: tuple, mutated: frozenset = fro
     bshape = shape(bias_node)
     if bshape is None or len(bshape) < 2 or bshape[-1] != scores_shape[-1] or bshape[-2] not in (1, scores_shape[-2]):
         return None, "the bias does not have the scores' key length"
-    try:
-        value = _Interpreter(mutated).value(bias_node)
-    except _NotLiftable as e:
-        return None, str(e)
-    if not isinstance(value, Slope):
-        return None, "the bias is not a slope times (query, key) indices"
+    value, why = _interpret(bias_node, mutated, Slope, "the bias is not a slope times (query, key) indices")
+    if value is None:
+        return None, why
     axes = {p for p, _ in value.index.terms}
     if not axes <= {-1, -2} or (bshape[-2] != scores_shape[-2] and -2 in axes):
         return None, "the bias is not a function of the query and key indices alone"

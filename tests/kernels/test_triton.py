@@ -314,19 +314,27 @@ def test_tiles_of_other_segments_are_never_read():
         assert torch.equal(g[:, :, :32], g2[:, :, :32]), "dk/dv of the first sequence's keys changed"
 
 
-def test_segments_through_the_custom_ops():
-    """fa_dynamo::attention with kernel='triton' and segment ids; both custom ops pass opcheck."""
+def _structure_kwargs(kind: str) -> dict:
+    if kind == "segments":
+        q_ids, k_ids = (_dev(t) for t in segment_ids("packed", 2, 21, 29, seed=2))
+        return {"q_segments": q_ids, "k_segments": k_ids}
+    return {"alibi_slopes": _dev(_slopes(2, 4, "bh"))}
+
+
+@pytest.mark.parametrize("kind", ["segments", "alibi"])
+def test_structures_through_the_custom_ops(kind):
+    """fa_dynamo::attention with kernel='triton' and segment ids or ALiBi slopes; both custom ops
+    pass opcheck."""
     q, k, v, kw = _case((2, 4, 2, 21, 29, 16, 16), masks="causal")
-    q_ids, k_ids = (_dev(t) for t in segment_ids("packed", 2, 21, 29, seed=2))
     q, k, v = (_dev(t).requires_grad_() for t in (q, k, v))
-    ids = {"q_segments": q_ids, "k_segments": k_ids}
+    extra = _structure_kwargs(kind)
     args = (q, k, v, None, None, 0.25, 0.0, float("-inf"), None, kw["hi"], "triton", 16, 16)
-    torch.library.opcheck(torch.ops.fa_dynamo.attention.default, args, ids)
-    out, lse = torch.ops.fa_dynamo.attention(*args, **ids)
+    torch.library.opcheck(torch.ops.fa_dynamo.attention.default, args, extra)
+    out, lse = torch.ops.fa_dynamo.attention(*args, **extra)
     go = torch.randn_like(out)
     bwd_args = (go, q.detach(), k.detach(), v.detach(), None, None, out.detach(), lse, 0.25, 0.0, float("-inf"),
                 None, kw["hi"], 16, 16)
-    torch.library.opcheck(torch.ops.fa_dynamo.attention_triton_backward.default, bwd_args, ids)
+    torch.library.opcheck(torch.ops.fa_dynamo.attention_triton_backward.default, bwd_args, extra)
 
 
 # --- structural ALiBi ---------------------------------------------------------------------------
@@ -362,20 +370,6 @@ def test_alibi_forward_and_backward_match_float64(shape, masks, dtype, form):
         err = (a.double() - r).nan_to_num().abs().max().item()
         eager_err = (e.double() - r).nan_to_num().abs().max().item()
         assert err <= 3 * eager_err + floor, f"d{name}: error {err:.3g} vs eager's {eager_err:.3g}"
-
-
-def test_alibi_through_the_custom_ops():
-    """fa_dynamo::attention with kernel='triton' and slopes; both custom ops pass opcheck."""
-    q, k, v, kw = _case((2, 4, 2, 21, 29, 16, 16), masks="causal")
-    q, k, v = (_dev(t).requires_grad_() for t in (q, k, v))
-    slopes = {"alibi_slopes": _dev(_slopes(2, 4, "bh"))}
-    args = (q, k, v, None, None, 0.25, 0.0, float("-inf"), None, kw["hi"], "triton", 16, 16)
-    torch.library.opcheck(torch.ops.fa_dynamo.attention.default, args, slopes)
-    out, lse = torch.ops.fa_dynamo.attention(*args, **slopes)
-    go = torch.randn_like(out)
-    bwd_args = (go, q.detach(), k.detach(), v.detach(), None, None, out.detach(), lse, 0.25, 0.0, float("-inf"),
-                None, kw["hi"], 16, 16)
-    torch.library.opcheck(torch.ops.fa_dynamo.attention_triton_backward.default, bwd_args, slopes)
 
 
 # --- per-architecture configs -------------------------------------------------------------------

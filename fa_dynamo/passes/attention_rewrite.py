@@ -300,23 +300,45 @@ def _type_check(anchor: fx.Node, pv: fx.Node, out: fx.Node) -> None:
         raise NotFusable(f"the rewrite gives {tuple(got.shape)} {got.dtype}, P·V gave {tuple(want.shape)} {want.dtype}")
 
 
-def _segment_masks(site: Site) -> tuple[Optional[SegmentIds], list]:
-    """The first mask term that is a segment equality (``mask_segments``), and the other terms."""
+def _segment_masks(site: Site) -> tuple[list[SegmentIds], list]:
+    """The mask terms that are segment equalities (``mask_segments``), and the other terms."""
     scores_shape = _canonical_batch(site) + tuple(shape(site.qk)[-2:])
-    for i, (m, where_true) in enumerate(site.masks):
+    segments, others = [], []
+    for m, where_true in site.masks:
         ids = lift_segments(m, not where_true, scores_shape, site.mutated)
         if ids is not None:
-            return ids, site.masks[:i] + site.masks[i + 1:]
-    return None, site.masks
+            segments.append(ids)
+        else:
+            others.append((m, where_true))
+    return segments, others
 
 
-def _emit_segments(graph: fx.Graph, site: Site, segments: Optional[SegmentIds], sizes: list, q, k) -> dict:
-    """The op's ``q_segments [B, Sq]`` / ``k_segments [B, Sk]`` keyword arguments (none without)."""
-    if segments is None:
+def _emit_segments(graph: fx.Graph, site: Site, segments: list[SegmentIds], sizes: list, q, k) -> dict:
+    """The op's ``q_segments [B, Sq]`` / ``k_segments [B, Sk]`` keyword arguments (none without).
+
+    Two equalities at once (packed sequences chunked as Llama 4 does) are one equality of pairs:
+    ``(a, c)`` becomes ``a · span + (c − low)`` with ``c − low`` in ``[0, span)`` over both sides,
+    which is injective, and non-decreasing where ``a`` is and ``c`` is within each ``a``.
+    """
+    if not segments:
         return {}
-    num_q, num_k = (d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (t, 2))
+    call = graph.call_function
+    num_q, num_k = (d if isinstance(d, int) else call(aten.sym_size.int, (t, 2))
                     for d, t in zip(shape(site.qk)[-2:], (q, k)))
-    q_ids, k_ids = segments.emit(graph, sizes[0] if len(sizes) == 2 else 1, num_q, num_k)
+    batch = sizes[0] if len(sizes) == 2 else 1
+    q_ids, k_ids = None, None
+    for ids in segments:
+        q_next, k_next = (call(aten.to.dtype, (t, torch.int64)) for t in ids.emit(graph, batch, num_q, num_k))
+        if q_ids is None:
+            q_ids, k_ids = q_next, k_next
+            continue
+        both = call(aten.cat.default, ([call(aten.flatten.using_ints, (q_next, 0, -1)),
+                                        call(aten.flatten.using_ints, (k_next, 0, -1)),
+                                        call(aten.new_zeros.default, (q_next, [1]))],))  # never empty
+        low = call(aten.amin.default, (both,))
+        span = call(aten.add.Tensor, (call(aten.sub.Tensor, (call(aten.amax.default, (both,)), low)), 1))
+        q_ids, k_ids = (call(aten.add.Tensor, (call(aten.mul.Tensor, (ids_, span)), call(aten.sub.Tensor, (nxt, low))))
+                        for ids_, nxt in ((q_ids, q_next), (k_ids, k_next)))
     return {"q_segments": q_ids, "k_segments": k_ids}
 
 

@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.passes.attention_site import AlibiTerm, NotFusable, Site
 from fa_dynamo.passes.mask_lifting import Offset, lift_hidden_set, lift_slope
-from fa_dynamo.passes.matching import aten, dtype, round_to, shape, writes_between
+from fa_dynamo.passes.matching import aten, dtype, is_op, round_to, shape, writes_between
 
 # A finite additive mask value this negative absorbs any score in float32/bfloat16
 # (s + v == v), so adding it is the same as replacing the score by it.
@@ -244,6 +244,8 @@ def _distance_sign(site: Site) -> Optional[int]:
 def _add_fill(site: Site, cond: fx.Node, hidden_where_true: bool, value: float, scores_shape: tuple) -> None:
     if dtype(cond) != torch.bool:
         raise NotFusable("masked_fill/where with a non-bool condition")
+    while is_op(cond, aten.bitwise_not, aten.logical_not) and cond.args[0] not in site.mutated:
+        cond, hidden_where_true = cond.args[0], not hidden_where_true  # masked_fill(~visible, v)
     lifted, _ = lift_hidden_set(cond, scores_shape, site.mutated)
     if lifted is not None and isinstance(lifted.inside, bool) and lifted.inside != lifted.outside:
         # cond is True on (where ∧ dense) if inside is True, else on its complement

@@ -307,7 +307,8 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("llama", "decoder", _llama, note="GQA (2 query heads per kv head)", extra_cases=("packed",)),
-        Family("llama4", "decoder", _llama4, note=f"chunked attention ({CHUNK}-token chunks) / full alternating"),
+        Family("llama4", "decoder", _llama4, note=f"chunked attention ({CHUNK}-token chunks) / full alternating",
+               extra_cases=("packed",)),
         Family("mistral", "decoder", _mistral, note=f"GQA, sliding window {WINDOW} < {SEQ} tokens"),
         Family("qwen2", "decoder", _qwen2, note="GQA, q/k/v biases"),
         Family("qwen3", "decoder", _qwen3, note="GQA, q/k RMS norm"),

@@ -122,3 +122,24 @@ def test_segment_equalities_and_near_misses():
     assert lift_segments(floats, True, SCORES) is None, "float ids are not integer segment ids"
     ordered = _single_factor(lambda t: t[:, None, :, None] <= t[:, None, None, :], ids)
     assert lift_segments(ordered, True, SCORES) is None
+
+
+def test_two_segment_equalities_become_one():
+    """Documents packed into a row and chunks within them (``doc[i] == doc[j] & chunk[i] ==
+    chunk[j]``): one pair of id vectors reaches the op, no Sq×Sk mask; outputs equal eager."""
+    from tests.conftest import ATTENTION_OP, Compiled, assert_same_as_eager
+
+    def program(q, k, v, doc):
+        s = q @ k.mT * q.shape[-1] ** -0.5
+        i, j = torch.arange(s.shape[-2]), torch.arange(s.shape[-1])
+        chunk = i // 5
+        same = (doc[:, None, :, None] == doc[:, None, None, :]) & (chunk[:, None] == chunk[None, :])
+        same = same & (j[None, :] <= i[:, None])
+        return torch.softmax(s.masked_fill(~same, float("-inf")), -1) @ v
+
+    q, k, v = (torch.randn(2, 4, SEQ, 16) for _ in range(3))
+    doc = torch.tensor([[0] * 10 + [1] * 19, [0] * 3 + [1] * 20 + [2] * 6])
+    compiled = Compiled(program)
+    assert_same_as_eager(compiled(q, k, v, doc), program(q, k, v, doc))
+    ops = [n for _, gm in compiled.backend.graphs for n in gm.graph.nodes if n.target is ATTENTION_OP]
+    assert len(ops) == 1 and ops[0].kwargs.get("q_segments") is not None and ops[0].args[4] is None

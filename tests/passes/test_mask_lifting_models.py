@@ -22,6 +22,7 @@ def _square(node) -> bool:
     ("llama", "packed", 2),  # both layers: several sequences per row
     ("llama4", "nopad", 1),  # the chunked layer (the other one is full attention)
     ("llama4", "pad_left", 1),  # chunks counted from each row's first token
+    ("llama4", "packed", 2),  # packed and chunked at once: the two id equalities become one
 ])
 def test_segments_replace_the_square_mask(family, case, with_segments):
     torch._dynamo.reset()

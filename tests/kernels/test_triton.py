@@ -464,10 +464,10 @@ assert not ta.INTERPRETED
 backend, arch, kernel, dtype = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 fn = {"fwd": ta._attn_fwd, "dkdv": tb._attn_bwd_dkdv, "dq": tb._attn_bwd_dq}[kernel]
 consts = dict(HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, HAS_LO=True, HAS_HI=True, HAS_BIAS=True,
-              HAS_MASK=True, HAS_SEG=True, SOFTCAP=True, LIBDEVICE=True, DOT_F32=False,
+              HAS_MASK=True, HAS_SEG=True, HAS_ALIBI=True, SEG_SKIP=True, SOFTCAP=True, LIBDEVICE=True, DOT_F32=False,
               PRECISION="ieee" if dtype == "fp32" else None, BLOCK_M=64 if kernel == "fwd" else 32, BLOCK_N=32)
-pointers = {"Mask": "*u8", "QSeg": "*i64", "KSeg": "*i64", "Lse": "*fp32", "Delta": "*fp32", "DQ": "*fp32",
-            "DK": "*fp32", "DV": "*fp32"}
+pointers = {"Mask": "*u8", "QSeg": "*i64", "KSeg": "*i64", "Slopes": "*fp32", "SegRuns": "*i32", "Lse": "*fp32",
+            "Delta": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32"}
 signature = {n: "constexpr" if n in consts else pointers.get(n, f"*{dtype}") if n[0].isupper() and n not in
              ("Q_CLASS", "K_CLASS") else "fp32" if n in ("scale", "softcap") else "i32" for n in fn.arg_names}
 target = GPUTarget(backend, int(arch) if backend == "cuda" else arch, 32 if backend == "cuda" else 64)

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():  # tests/kernels/test_triton.py runs the Trito
 from hypothesis import settings  # noqa: E402
 
 from fa_dynamo import FastAttentionBackend  # noqa: E402
+from tests.kernels.fake_xformers import fake_xformers  # noqa: E402,F401  (a fixture for every test module)
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.register_profile("long", max_examples=2000, deadline=None)

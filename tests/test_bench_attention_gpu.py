@@ -23,7 +23,6 @@ import torch
 from benchmarks import attention_gpu_cases as cases
 from benchmarks import attention_gpu_report as report_md
 from benchmarks import bench_attention_gpu as bench
-from tests.kernels.test_xformers import fake_xformers  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 # Methods the smoke run must measure: the rest may fail on CPU, but must say why.
@@ -131,7 +130,7 @@ def test_a_fa_dynamo_fallback_is_a_failure_not_a_number():
 
 
 @pytest.mark.parametrize("pass_name", cases.PASSES)
-def test_xformers_layout_against_a_fake(fake_xformers, pass_name):  # noqa: F811
+def test_xformers_layout_against_a_fake(fake_xformers, pass_name):
     """Real xformers has no CPU operator: its BMHK / BMGHK (GQA) call is checked on the documented fake."""
     case = cases.Case(seq_len=40, head_dim=16, causal=True, pass_name=pass_name, batch=2, heads=6, kv_heads=2)
     inputs, dout = bench.make_inputs(case, torch.float32, torch.device("cpu"))

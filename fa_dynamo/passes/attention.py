@@ -251,7 +251,8 @@ def _leads_to_scores(node: Any, depth: int = 24) -> bool:
     while depth > 0 and isinstance(node, fx.Node):
         if _is_qk_matmul(node):
             return True
-        if not is_op(node, *_CASTS, *_IDENTITIES, *_VIEWS, *_MUL, *_DIV, *_ADD, *_MASKED_FILL, aten.tanh, aten.where):
+        if not is_op(node, *_CASTS, *_IDENTITIES, *_VIEWS, *_MUL, *_DIV, *_ADD, *_MASKED_FILL, aten.tanh, aten.where,
+                     aten.sub):
             return False
         if is_op(node, aten.where):
             return _leads_to_scores(node.args[1], depth - 1) or _leads_to_scores(node.args[2], depth - 1)

@@ -224,12 +224,15 @@ def settle_alibi(site: Site) -> None:
     relative to the row's scores). Otherwise the bias stays dense."""
     fill_blind = site.fill is None or site.fill == float("-inf") or site.fill <= _ABSORBING
     sign = _distance_sign(site)
-    for n, term in enumerate(list(site.alibi)):
+    kept = []
+    for term in site.alibi:
         if term.absolute and sign is not None:  # |j − i| = ±(j − i) on every visible key
-            site.alibi[n] = replace(term, scale=term.scale * sign, absolute=False)
+            kept.append(replace(term, scale=term.scale * sign, absolute=False))
         elif term.absolute or (not term.exact and (site.sink is not None or not fill_blind)):
-            site.alibi.remove(term)
             site.biases.append(term.bias)
+        else:
+            kept.append(term)
+    site.alibi = kept
 
 
 def _distance_sign(site: Site) -> Optional[int]:

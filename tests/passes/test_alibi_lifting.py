@@ -146,3 +146,21 @@ def test_dynamic_lengths_do_not_recompile():
         assert_same_as_eager(compiled(q, k, v), relative_causal(q, k, v))
     assert len(compiled.backend.graphs) == 1
     assert _ops(compiled)[0].kwargs.get("alibi_slopes") is not None
+
+
+def two_terms_one_kept(q, k, v):
+    """A symmetric term that cannot be resolved (no band) beside a relative one: the first stays
+    dense, the second becomes slopes."""
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    i, j = _indices(s)
+    s = s - (0.5 * _slopes(s.shape[1])[:, None, None] * (i - j).abs()).to(s.dtype)
+    s = s + (_slopes(s.shape[1])[:, None, None] * (j - i)).to(s.dtype)
+    return torch.softmax(s, dim=-1) @ v
+
+
+def test_terms_are_settled_one_by_one():
+    q, k, v = (torch.randn(1, HEADS, SQ, 16) for _ in range(3))
+    compiled = Compiled(two_terms_one_kept)
+    assert_same_as_eager(compiled(q, k, v), two_terms_one_kept(q, k, v))
+    op, = _ops(compiled)
+    assert op.kwargs.get("alibi_slopes") is not None and op.args[3] is not None

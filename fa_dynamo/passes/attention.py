@@ -278,6 +278,20 @@ def _scalar_factor(node: fx.Node) -> Optional[tuple[fx.Node, tuple[Scalar, int]]
     return a, (b, 1 if is_op(node, *_MUL) else -1)
 
 
+def _unit_tensor_factor(node: fx.Node) -> Optional[tuple[fx.Node, tuple[fx.Node, int]]]:
+    """``x * t``, ``t * x`` or ``x / t`` with a one-element float tensor ``t`` (``torch.sqrt(
+    torch.tensor(d))``) → ``(x, (t, ±1))``: a scale known only at run time, applied to q."""
+    if not is_op(node, *_MUL, *_DIV) or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if is_op(node, *_MUL) and not _leads_to_scores(a):
+        a, b = b, a
+    if not (isinstance(b, fx.Node) and isinstance(val(b), torch.Tensor) and val(b).dtype.is_floating_point
+            and all(d == 1 for d in val(b).shape) and _leads_to_scores(a) and not _leads_to_scores(b)):
+        return None
+    return a, (b, 1 if is_op(node, *_MUL) else -1)
+
+
 def _dense_users(node: fx.Node, reads: list) -> list[fx.Node]:
     """The users of ``node`` that read its values; those that read only its sizes, dtype or
     device go to ``reads`` (the rewrite points them elsewhere, so the node can die)."""
@@ -323,6 +337,9 @@ def _walk_scores(x: fx.Node, reads: list) -> tuple[list, fx.Node, Optional[tuple
             events.append(("softcap", softcap[1]))
             node = softcap[0]
         elif (factor := _scalar_factor(node)) is not None:
+            events.append(("scale", factor[1]))
+            node = factor[0]
+        elif (factor := _unit_tensor_factor(node)) is not None:
             events.append(("scale", factor[1]))
             node = factor[0]
         elif is_op(node, *_MUL, *_DIV):
@@ -419,6 +436,8 @@ def _fill_value(arg: Any, scores_dtype: torch.dtype) -> float:
         arg = arg.args[0]  # torch.tensor(-1e4) arrives as a copied constant
     if value is None and isinstance(arg, fx.Node) and is_op(arg, aten.scalar_tensor, aten.full) and shape(arg) == ():
         value = python_scalar(arg.args[0] if is_op(arg, aten.scalar_tensor) else arg.args[1])
+    if value is None and is_op(arg, aten.full_like) and dtype(arg) == scores_dtype:
+        value = python_scalar(arg.args[1])  # torch.full_like(s, -inf): the scores' shape, one value
     if value is None and isinstance(arg, fx.Node) and arg.op == "get_attr":
         constant = getattr(arg.graph.owning_module, arg.target, None)
         if isinstance(constant, torch.Tensor) and constant.dim() == 0 and constant.is_floating_point():

@@ -76,11 +76,15 @@ def _sizes_from(graph: fx.Graph, sizes: tuple, alive: list) -> list:
 
 
 _NEW_TENSOR = (aten.new_ones, aten.new_zeros, aten.new_empty, aten.new_full)
+# x.full_like(v) and kin read x's sizes too: rerouted as the new_* op of the same name at x's sizes
+_LIKE = {aten.full_like: aten.new_full.default, aten.zeros_like: aten.new_zeros.default,
+         aten.ones_like: aten.new_ones.default, aten.empty_like: aten.new_empty.default}
 
 
 def is_metadata_read(node: fx.Node) -> bool:
-    """``x.size(i)`` or ``x.new_ones(...)`` and kin: reads ``x``'s sizes, dtype or device only."""
-    return is_op(node, aten.sym_size.int, *_NEW_TENSOR)
+    """``x.size(i)``, ``x.new_ones(...)``, ``torch.full_like(x, v)`` and kin: read ``x``'s sizes,
+    dtype or device only."""
+    return is_op(node, aten.sym_size.int, *_NEW_TENSOR, *_LIKE)
 
 
 def _reroute_metadata_reads(graph: fx.Graph, site: Site) -> None:
@@ -96,6 +100,11 @@ def _reroute_metadata_reads(graph: fx.Graph, site: Site) -> None:
                 for user in list(read.users):
                     user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs),
                                                              lambda n: size if n is read else n)
+            elif is_op(read, *_LIKE):
+                sizes = _sizes_from(graph, shape(read.args[0]), [site.q.node, k_source])
+                read.target = _LIKE[read.target.overloadpacket]
+                read.kwargs = {"dtype": read.kwargs.get("dtype") or dtype(read.args[0])}
+                read.args = (site.q.node, sizes, *read.args[1:])
             else:
                 read.kwargs = {**read.kwargs, "dtype": read.kwargs.get("dtype") or dtype(read.args[0])}
                 read.args = (site.q.node, *read.args[1:])
@@ -232,6 +241,9 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
                    for op, role in ((site.q, "q"), (site.k, "k"), (site.v, "v")))
         q, k, v = (t if dtype(op.node) == op_dtype else graph.call_function(aten.to.dtype, (t, op_dtype))
                    for t, op in ((q, site.q), (k, site.k), (v, site.v)))
+        for factor, power in site.scale_tensors:  # (q·kᵀ)·t = (q·t)·kᵀ, t a one-element tensor (0-d: no promotion)
+            t = graph.call_function(aten.reshape.default, (factor, []))
+            q = graph.call_function(aten.mul.Tensor if power == 1 else aten.div.Tensor, (q, t))
         bias = _combine(graph, [_relayout(graph, b, sizes) if b in site.relayout else _to_4d(graph, b)
                                 for b in site.biases], aten.add.Tensor)
         segments, masks = _segment_masks(site)

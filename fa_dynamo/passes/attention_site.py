@@ -53,6 +53,7 @@ class Site:
     v: Operand = None
     out_permute: Optional[list[int]] = None
     scale: list[tuple[Scalar, int]] = field(default_factory=list)  # (factor, +1 mul / -1 div)
+    scale_tensors: list[tuple[fx.Node, int]] = field(default_factory=list)  # one-element tensors, applied to q
     softcap: float = 0.0
     biases: list[fx.Node] = field(default_factory=list)
     masks: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (bool node, True=hidden where True)

@@ -347,10 +347,16 @@ class _Interpreter:
         return Affine(tuple((p, c) for p, c in coefs.items() if c), a.const + b.const.scaled(sign),
                       max(a.rank, b.rank), a.extents + b.extents)
 
-    def _mul(self, n: fx.Node) -> Union[Affine, Slope]:
+    def _mul(self, n: fx.Node) -> Union[Affine, Slope, Select]:
         """An index times an integer stays an index; times a float or a tensor constant along
-        the query and key axes it is a ``Slope``."""
+        the query and key axes it is a ``Slope``. A mask times a number scales its two values."""
         a, b = (self._operand(arg) for arg in n.args[:2])
+        if isinstance(b, Select):
+            a, b = b, a
+        if isinstance(a, Select) and _number(b) and _number(a.inside) and _number(a.outside):
+            scaled = (round_to(x * b, val(n).dtype) if val(n).dtype.is_floating_point else x * b
+                      for x in (a.inside, a.outside))
+            return replace(a, inside=next(scaled), outside=next(scaled), rank=len(shape(n)))  # a mask times a number
         if not isinstance(a, (Affine, Slope)):
             a, b = b, a
         if not isinstance(a, (Affine, Slope)) or isinstance(b, (Affine, Slope)):
@@ -551,6 +557,10 @@ class _Interpreter:
         if isinstance(x, (int, float, bool)):
             return x
         raise _NotLiftable("a value that is not constant")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _constant_on_last_two(factor: fx.Node, product: fx.Node) -> bool:

@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.passes.attention_site import AlibiTerm, NotFusable, Site
 from fa_dynamo.passes.mask_lifting import Offset, lift_hidden_set, lift_slope
-from fa_dynamo.passes.matching import aten, dtype, is_op, round_to, shape, writes_between
+from fa_dynamo.passes.matching import aten, dtype, is_op, python_scalar, round_to, shape, val, writes_between
 
 # A finite additive mask value this negative absorbs any score in float32/bfloat16
 # (s + v == v), so adding it is the same as replacing the score by it.
@@ -27,7 +27,7 @@ _ABSORBING = -1e30
 
 def fold_events(site: Site, events: list) -> None:
     """Check the chain is ``scale* → softcap? → (bias | fill)*`` and collect the pieces."""
-    events = _finite_fills_as_biases(site, events)
+    events = _finite_fills_as_biases(site, _scales_first(events))
     stage = 0  # 0: scaling allowed, 1: after softcap, 2: after a bias or fill
     site.batch_view = _mask_layout(site.qk, events)
     layout = site.qk  # the node whose shape is the scores' layout at this point of the chain
@@ -40,7 +40,9 @@ def fold_events(site: Site, events: list) -> None:
         if kind == "scale":
             if stage > 0:
                 raise NotFusable("the scores are scaled after a softcap, bias or mask")
-            site.scale.append(event[1])
+            factor = event[1][0]
+            tensor = isinstance(factor, fx.Node) and isinstance(val(factor), torch.Tensor)
+            (site.scale_tensors if tensor else site.scale).append(event[1])
             continue
         if kind == "softcap":
             if stage > 0:
@@ -58,6 +60,42 @@ def fold_events(site: Site, events: list) -> None:
             _add_bias(site, event[1], event[2], shape(layout), other_biases=other_biases)
         else:
             _add_fill(site, event[1], event[2], event[3], shape(layout))
+
+
+def _scales_first(events: list) -> list:
+    """Move a positive constant scale that follows biases or fills ahead of them: ``(s + b)·c =
+    s·c + b·c`` and ``fill(s, v)·c = fill(s·c, v·c)`` for ``c > 0`` (a negative ``c`` would turn
+    -inf into +inf; a softcap in between does not commute). The bias becomes a ``b·c`` node and
+    the fill value ``v·c`` as eager rounds it."""
+    out: list = []
+    for event in events:
+        masked = [n for n, e in enumerate(out) if e[0] in ("bias", "fill")]
+        c = python_scalar(event[1][0]) if event[0] == "scale" else None
+        if not masked or c is None or c <= 0 or any(e[0] == "softcap" for e in out):
+            out.append(event)
+            continue
+        power = event[1][1]
+        for n in masked:
+            if out[n][0] == "bias":
+                _, bias, add_node = out[n]
+                out[n] = ("bias", _scaled_node(bias, c, power, add_node), add_node)
+            else:
+                kind, cond, hidden_where_true, value, fill_node = out[n]
+                scaled = value * c if power == 1 else value / c
+                out[n] = (kind, cond, hidden_where_true, round_to(scaled, dtype(fill_node)), fill_node)
+        out.insert(masked[0], event)
+    return out
+
+
+def _scaled_node(t: fx.Node, c: float, power: int, before: fx.Node) -> fx.Node:
+    """``t·c`` (or ``t·(1/c)``) as a node with its ``val``, before ``before`` (a mask scaled so
+    stays liftable: ``mask_lifting`` reads a product of a mask and a number)."""
+    mode = torch._guards.detect_fake_mode([t.meta.get("val")])
+    factor = c if power == 1 else 1.0 / c
+    with before.graph.inserting_before(before), mode or contextlib.nullcontext():
+        node = before.graph.call_function(aten.mul.Tensor, (t, factor))
+        node.meta["val"] = torch.mul(t.meta["val"], factor)
+    return node
 
 
 def _finite_fills_as_biases(site: Site, events: list) -> list:

@@ -222,7 +222,8 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
         if beta not in (0, 1) or (python_scalar(alpha) is None and not is_symbolic_scalar(alpha)):
             raise NotFusable(f"baddbmm with beta={beta}, alpha={alpha}")
         bias = qk.args[0]
-        zeros = is_op(bias, aten.zeros, aten.new_zeros) or (is_op(bias, aten.full) and bias.args[1] == 0)
+        zeros = is_op(bias, aten.zeros, aten.new_zeros, aten.zeros_like, aten.zero, aten.zero_) or (
+            is_op(bias, aten.full) and bias.args[1] == 0)  # torch.empty(..).zero_() too
         events = [("scale", (alpha, 1))] + ([("bias", bias, qk)] if beta == 1 and not zeros else []) + events
     pv = _walk_probs(softmax, reads, with_sink=sink is not None)
     site = Site(softmax, qk, pv, mutated=mutated, metadata_reads=reads)

@@ -70,10 +70,14 @@ def _scales_first(events: list) -> list:
     out: list = []
     for event in events:
         masked = [n for n, e in enumerate(out) if e[0] in ("bias", "fill")]
-        c = python_scalar(event[1][0]) if event[0] == "scale" else None
-        if not masked or c is None or c <= 0 or any(e[0] == "softcap" for e in out):
+        factor = event[1][0] if event[0] == "scale" else None
+        c = python_scalar(factor)
+        tensor = isinstance(factor, fx.Node) and isinstance(val(factor), torch.Tensor)
+        movable = (c is not None and c > 0) or (tensor and all(out[n][0] == "bias" for n in masked))
+        if not masked or not movable or any(e[0] == "softcap" for e in out):
             out.append(event)
             continue
+        c = factor if tensor else c  # a one-element tensor of unknown sign scales biases only
         power = event[1][1]
         for n in masked:
             if out[n][0] == "bias":
@@ -87,14 +91,25 @@ def _scales_first(events: list) -> list:
     return out
 
 
-def _scaled_node(t: fx.Node, c: float, power: int, before: fx.Node) -> fx.Node:
-    """``t·c`` (or ``t·(1/c)``) as a node with its ``val``, before ``before`` (a mask scaled so
-    stays liftable: ``mask_lifting`` reads a product of a mask and a number)."""
+def _scaled_node(t: fx.Node, c, power: int, before: fx.Node) -> fx.Node:
+    """``t·c`` or ``t / c`` as a node with its ``val``, before ``before`` (or right after ``c``): ``c`` a number (as
+    ``t·(1/c)``, so a scaled mask stays liftable: ``mask_lifting`` reads a mask times a number) or
+    a one-element tensor node (made 0-d: no type promotion)."""
     mode = torch._guards.detect_fake_mode([t.meta.get("val")])
-    factor = c if power == 1 else 1.0 / c
-    with before.graph.inserting_before(before), mode or contextlib.nullcontext():
-        node = before.graph.call_function(aten.mul.Tensor, (t, factor))
-        node.meta["val"] = torch.mul(t.meta["val"], factor)
+    graph = before.graph
+    if isinstance(c, fx.Node):  # the tensor may be computed after the bias's add: go after it
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        before = c.next if order[c] > order[before] else before
+    with graph.inserting_before(before), mode or contextlib.nullcontext():
+        if isinstance(c, fx.Node):
+            factor = graph.call_function(aten.reshape.default, (c, []))
+            factor.meta["val"] = c.meta["val"].reshape([])
+            op, factor_val = (aten.mul.Tensor if power == 1 else aten.div.Tensor), factor.meta["val"]
+        else:
+            factor = factor_val = c if power == 1 else 1.0 / c
+            op = aten.mul.Tensor
+        node = graph.call_function(op, (t, factor))
+        node.meta["val"] = op(t.meta["val"], factor_val)
     return node
 
 

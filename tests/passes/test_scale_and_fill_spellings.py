@@ -88,3 +88,21 @@ def test_near_misses_stay_unfused(program, with_bias):
     compiled = Compiled(program, options={"strict": False})
     assert_same_as_eager(compiled(*args), program(*args))
     assert compiled.fused == 0 and compiled.refused
+
+
+def zeroed_baddbmm_then_tensor_scale(q, k, v, bias):
+    """``baddbmm`` onto ``empty().zero_()``, then a bias, then a one-element tensor scale: the
+    scale moves ahead of the bias (``(s + b) / t = s / t + b / t`` for any t)."""
+    b, h, sq, d = q.shape
+    s = torch.baddbmm(torch.empty(b * h, sq, k.shape[2], dtype=q.dtype).zero_(), q.reshape(b * h, sq, d),
+                      k.reshape(b * h, -1, d).transpose(1, 2), beta=1.0, alpha=1.0)
+    s = (s.view(b, h, sq, -1) + bias) / torch.sqrt(torch.tensor(d, dtype=q.dtype))
+    return torch.softmax(s, -1) @ v
+
+
+def test_zeroed_baddbmm_and_tensor_scale_after_a_bias():
+    args = _inputs(torch.float32, True)
+    compiled = Compiled(zeroed_baddbmm_then_tensor_scale)
+    assert_same_as_eager(compiled(*args), zeroed_baddbmm_then_tensor_scale(*args))
+    op, = _ops(compiled)
+    assert op.args[3] is not None  # the bias, divided by t

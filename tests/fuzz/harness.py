@@ -76,20 +76,25 @@ def check(source: str, require_fusion: bool = True) -> Outcome:
         precision = ns.get("AUTOCAST")
         # finfo constants give the float64 run another program (finfo(s.dtype).min is -1.8e308 there)
         exact64 = "torch.finfo(" not in source
-        compare(actual, expected, lambda: fn(*_to_double(inputs)), f"output, shape {shape}", precision=precision,
-                exact64=exact64)
+        # under autocast, also float64 on the inputs as autocast rounds them (eager and the op both
+        # read rounded q, k, v; eager also rounds its intermediates, the op does not)
+        rounded = None if precision is None else _to_double(_rounded(inputs, precision))
+        compare(actual, expected, [lambda: fn(*_to_double(inputs))] + ([lambda: fn(*rounded)] if rounded else []),
+                f"output, shape {shape}", precision=precision, exact64=exact64)
         if ns["GRAD"] and not any(t.isnan().any() for t in _flat(expected)):
             ours, theirs = _grads(compiled, inputs), _grads(fn, inputs)
-            compare(ours, theirs, lambda: _grads(fn, _to_double(inputs)), f"gradients, shape {shape}", factor=3.0,
-                    precision=precision, exact64=exact64)
+            compare(ours, theirs, [lambda: _grads(fn, _to_double(inputs))] + ([lambda: _grads(fn, rounded)] if rounded
+                                                                               else []),
+                    f"gradients, shape {shape}", factor=3.0, precision=precision, exact64=exact64)
     outcome = Outcome(compiled.fused, list(compiled.refused))
     if require_fusion and ns["IS_ATTENTION"] and ns["EXPECT_FUSED"] and outcome.fused == 0:
         raise NotFused(f"attention left unfused; refused: {outcome.refused}")
     return outcome
 
 
-def compare(actual, expected, reference, what: str, factor: float = 2.0, precision=None, exact64: bool = False) -> None:
-    """``actual`` equals ``expected`` (eager); ``reference()`` gives the float64 run, lazily.
+def compare(actual, expected, references, what: str, factor: float = 2.0, precision=None, exact64: bool = False) -> None:
+    """``actual`` equals ``expected`` (eager), or one of the ``references`` (callables giving float64
+    runs, tried lazily in turn) judges it no further from itself than ``factor`` times eager.
     ``precision``: a coarser dtype the values were computed in (autocast), for the tolerances.
     ``exact64``: the float64 run is the same program (no dtype-dependent constants), so it is the
     judge even where eager's own rounding took it far away (bfloat16 ``s + -10000`` keeps no
@@ -97,7 +102,7 @@ def compare(actual, expected, reference, what: str, factor: float = 2.0, precisi
     actual, expected = _flat(actual), _flat(expected)
     if len(actual) != len(expected):
         raise Mismatch(f"{what}: {len(actual)} outputs, eager has {len(expected)}")
-    ref = None
+    refs = None
     for n, (a, e) in enumerate(zip(actual, expected)):
         if a is None and e is None:
             continue
@@ -119,24 +124,36 @@ def compare(actual, expected, reference, what: str, factor: float = 2.0, precisi
         atol, rtol = TOLERANCES[coarse]
         if torch.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True):
             continue
-        if ref is None:
+        if refs is None:
             try:
-                ref = _flat(reference())
+                refs = [_flat(reference()) for reference in references]
             except Exception as err:  # noqa: BLE001  (a program written for one dtype only)
                 raise Mismatch(f"{what} {n}: differs from eager beyond tolerance; the float64 run failed: {err}")
-        r = ref[n] if ref[n] is not None else torch.zeros_like(e, dtype=torch.float64)
-        finite = e.isfinite() & r.isfinite() & a.isfinite()
-        err = ((a.double() - r).abs() * finite).nan_to_num().max().item()
-        eager_err = ((e.double() - r).abs() * finite).nan_to_num().max().item()
-        diff = ((a.double() - e.double()).abs() * finite).nan_to_num().max().item()
-        # otherwise the float64 run vouches for the compiled result only where it is close to eager (a
-        # program whose meaning depends on its dtype — finfo(s.dtype).min — is not the same in float64)
-        trusted = exact64 or eager_err <= 50 * atol
-        if not trusted or not torch.equal(a.isinf(), e.isinf()) or err > factor * eager_err + FLOORS[coarse]:
-            raise Mismatch(
-                f"{what} {n}: max |compiled - eager| = {diff:.3g} (tolerance {atol:g} + {rtol:g}·|eager|); "
-                f"against float64: compiled {err:.3g}, eager {eager_err:.3g}"
-            )
+        verdicts = [_judge(a, e, ref[n], atol, factor, FLOORS[coarse], exact64) for ref in refs]
+        if all(v is not None for v in verdicts):
+            diff = ((a.double() - e.double()).abs() * (a.isfinite() & e.isfinite())).nan_to_num().max().item()
+            raise Mismatch(f"{what} {n}: max |compiled - eager| = {diff:.3g} (tolerance {atol:g} + {rtol:g}·|eager|); "
+                           f"against float64: {verdicts[0]}")
+
+
+def _judge(a, e, r, atol: float, factor: float, floor: float, exact64: bool):
+    """None when the float64 run ``r`` finds the compiled ``a`` no further from it than ``factor``
+    times eager's ``e`` (and the infinities where eager has them); else the two errors, as text."""
+    r = r if r is not None else torch.zeros_like(e, dtype=torch.float64)
+    finite = e.isfinite() & r.isfinite() & a.isfinite()
+    err = ((a.double() - r).abs() * finite).nan_to_num().max().item()
+    eager_err = ((e.double() - r).abs() * finite).nan_to_num().max().item()
+    # otherwise the float64 run vouches for the compiled result only where it is close to eager (a
+    # program whose meaning depends on its dtype — finfo(s.dtype).min — is not the same in float64)
+    trusted = exact64 or eager_err <= 50 * atol
+    if trusted and torch.equal(a.isinf(), e.isinf()) and err <= factor * eager_err + floor:
+        return None
+    return f"compiled {err:.3g}, eager {eager_err:.3g}"
+
+
+def _rounded(inputs, dtype: torch.dtype) -> list:
+    """Float inputs rounded to ``dtype`` (as autocast casts them at the matmuls), in their own dtype."""
+    return [t.to(dtype).to(t.dtype) if t.is_floating_point() else t for t in inputs]
 
 
 def _flat(x) -> list:

@@ -108,7 +108,7 @@ def test_alibi_spellings(program, lifted, dtype):
     q, k, v = (torch.randn(2, HEADS, SQ, 16, dtype=dtype) for _ in range(3))
     compiled = Compiled(program)
     # equal to eager, or (bfloat16: eager rounds the bias to 8 bits) no further from float64
-    compare(compiled(q, k, v), program(q, k, v), lambda: program(*(t.double() for t in (q, k, v))), program.__name__,
+    compare(compiled(q, k, v), program(q, k, v), [lambda: program(*(t.double() for t in (q, k, v)))], program.__name__,
             exact64="torch.finfo(" not in inspect.getsource(program))
     ops = _ops(compiled)
     assert len(ops) == 1

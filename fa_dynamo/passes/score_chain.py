@@ -92,9 +92,9 @@ def _scales_first(events: list) -> list:
 
 
 def _scaled_node(t: fx.Node, c, power: int, before: fx.Node) -> fx.Node:
-    """``t·c`` or ``t / c`` as a node with its ``val``, before ``before`` (or right after ``c``): ``c`` a number (as
-    ``t·(1/c)``, so a scaled mask stays liftable: ``mask_lifting`` reads a mask times a number) or
-    a one-element tensor node (made 0-d: no type promotion)."""
+    """``t·c`` or ``t / c`` as a node with its ``val``, before ``before`` (or right after ``c``):
+    ``c`` a number (as ``t·(1/c)``, so a scaled mask stays liftable: ``mask_lifting`` reads a mask
+    times a number) or a one-element tensor node (made 0-d: no type promotion)."""
     mode = torch._guards.detect_fake_mode([t.meta.get("val")])
     graph = before.graph
     if isinstance(c, fx.Node):  # the tensor may be computed after the bias's add: go after it

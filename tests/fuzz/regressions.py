@@ -33,6 +33,47 @@ def make_inputs(gen, b, hq, hkv, sq, sk, d, dv):
 '''
 
 
+# A float16-autocast program the long profile failed twice (two shapes, two bugs): below.
+_AUTOCAST_EINSUM = '''import math
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+IS_ATTENTION = True
+EXPECT_FUSED = True
+DTYPE = torch.float32
+GRAD = True
+DYNAMIC = False
+SHAPES = [dict(b=2, hq=2, hkv=2, sq=1, sk=1, d=33, dv=33)]
+AUTOCAST = torch.float16
+
+
+def randn(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DTYPE)
+
+
+def make_inputs(gen, b, hq, hkv, sq, sk, d, dv):
+    q = randn(gen, b, sq, hq, d)
+    k = randn(gen, b, sk, hkv, d)
+    v = randn(gen, b, sk, hkv, dv)
+    pad0 = torch.arange(sk)[None, :] >= sk - torch.randint(0, sk + 1, (b, 1), generator=gen)
+    return q, k, v, pad0
+
+
+def program(q, k, v, pad0):
+    with torch.autocast("cpu", dtype=AUTOCAST):
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k)
+        sq, sk = s.shape[-2], s.shape[-1]
+        s = torch.where(pad0.long()[:, None, None, :] == 0, NEG_INF, s)
+        p = torch.softmax(s, dim=-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+        out = out.reshape(out.shape[0], out.shape[1], -1)
+        return out
+'''
+
+
 REGRESSIONS = [
     # --- wrong results ------------------------------------------------------------------------
     '''"""prefix_lm_slice_assignment: a causal mask edited through a slice (m[:, :2] = 0, the
@@ -700,84 +741,10 @@ rounded inputs), but eager also rounds p before P·V; against float64 on the *un
 dq was 3.6x eager's error (allowed 3x) by chance of where the roundings fell. The harness now also
 judges autocast programs by float64 on the inputs rounded as autocast rounds them. Found by the
 long profile, 2026-11-25 (harness fix)."""
-import math
-
-import torch
-import torch.nn.functional as F
-
-NEG_INF = float("-inf")
-
-IS_ATTENTION = True
-EXPECT_FUSED = True
-DTYPE = torch.float32
-GRAD = True
-DYNAMIC = False
-SHAPES = [dict(b=2, hq=2, hkv=2, sq=1, sk=39, d=33, dv=33)]
-AUTOCAST = torch.float16
-
-
-def randn(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DTYPE)
-
-
-def make_inputs(gen, b, hq, hkv, sq, sk, d, dv):
-    q = randn(gen, b, sq, hq, d)
-    k = randn(gen, b, sk, hkv, d)
-    v = randn(gen, b, sk, hkv, dv)
-    pad0 = torch.arange(sk)[None, :] >= sk - torch.randint(0, sk + 1, (b, 1), generator=gen)
-    return q, k, v, pad0
-
-
-def program(q, k, v, pad0):
-    with torch.autocast("cpu", dtype=AUTOCAST):
-        s = torch.einsum("bqhd,bkhd->bhqk", q, k)
-        sq, sk = s.shape[-2], s.shape[-1]
-        s = torch.where(pad0.long()[:, None, None, :] == 0, NEG_INF, s)
-        p = torch.softmax(s, dim=-1)
-        out = torch.einsum("bhqk,bkhd->bqhd", p, v)
-        out = out.reshape(out.shape[0], out.shape[1], -1)
-        return out
-''',
+''' + _AUTOCAST_EINSUM.replace("sk=1, d=33", "sk=39, d=33"),
     '''"""autocast_fp16_single_key_einsum_not_fused: under float16 autocast, P·V written as an einsum
 over a single key is refused ("the probabilities are rounded to torch.float16 before a
 torch.float32 P·V"): the autocast re-run gives that P·V float32 while the probabilities are
 float16 — a known gap, found by the long profile, 2026-11-25."""
-import math
-
-import torch
-import torch.nn.functional as F
-
-NEG_INF = float("-inf")
-
-IS_ATTENTION = True
-EXPECT_FUSED = True
-DTYPE = torch.float32
-GRAD = True
-DYNAMIC = False
-SHAPES = [dict(b=2, hq=2, hkv=2, sq=1, sk=1, d=33, dv=33)]
-AUTOCAST = torch.float16
-
-
-def randn(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DTYPE)
-
-
-def make_inputs(gen, b, hq, hkv, sq, sk, d, dv):
-    q = randn(gen, b, sq, hq, d)
-    k = randn(gen, b, sk, hkv, d)
-    v = randn(gen, b, sk, hkv, dv)
-    pad0 = torch.arange(sk)[None, :] >= sk - torch.randint(0, sk + 1, (b, 1), generator=gen)
-    return q, k, v, pad0
-
-
-def program(q, k, v, pad0):
-    with torch.autocast("cpu", dtype=AUTOCAST):
-        s = torch.einsum("bqhd,bkhd->bhqk", q, k)
-        sq, sk = s.shape[-2], s.shape[-1]
-        s = torch.where(pad0.long()[:, None, None, :] == 0, NEG_INF, s)
-        p = torch.softmax(s, dim=-1)
-        out = torch.einsum("bhqk,bkhd->bqhd", p, v)
-        out = out.reshape(out.shape[0], out.shape[1], -1)
-        return out
-''',
+''' + _AUTOCAST_EINSUM,
 ]

@@ -526,8 +526,9 @@ class _Interpreter:
         """One side of an AND; a boolean term the lifter cannot read stays as a dense factor."""
         try:
             return self._as_bool(self.spanning(arg, out))
-        except _NotLiftable:
-            if isinstance(arg, fx.Node) and isinstance(val(arg), torch.Tensor) and val(arg).dtype == torch.bool:
+        except _NotLiftable:  # read by the op, later: not if its storage is written in place anywhere
+            if isinstance(arg, fx.Node) and isinstance(val(arg), torch.Tensor) and val(arg).dtype == torch.bool \
+                    and arg not in self.mutated:
                 return Interval(), (arg,)
             raise
 

@@ -747,4 +747,48 @@ over a single key is refused ("the probabilities are rounded to torch.float16 be
 torch.float32 P·V"): the autocast re-run gives that P·V float32 while the probabilities are
 float16 — a known gap, found by the long profile, 2026-11-25."""
 ''' + _AUTOCAST_EINSUM,
+    '''"""padding_term_read_after_its_write: a mask ANDs a band with a view of a padding tensor that
+is written in place after the mask is built; the band was lifted and the view kept as a dense
+term the op read later, after the write (keys eager hides became visible: finite rows where eager
+has NaN). Dense terms whose storage is written anywhere now keep the whole mask dense. Found by
+the long profile, 2026-11-25 (pre-existing since the dense-term lifting)."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+IS_ATTENTION = False
+EXPECT_FUSED = False
+DTYPE = torch.float32
+GRAD = True
+DYNAMIC = True
+SHAPES = [dict(b=1, hq=1, hkv=1, sq=5, sk=7, d=8, dv=8)]
+
+
+def randn(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DTYPE)
+
+
+def make_inputs(gen, b, hq, hkv, sq, sk, d, dv):
+    q = randn(gen, b, hq, sq, d)
+    k = randn(gen, b, hkv, sk, d)
+    v = randn(gen, b, hkv, sk, dv)
+    pad = torch.arange(sk)[None, :] >= 2  # keys 0 and 1 padded
+    return q, k, v, pad
+
+
+def program(q, k, v, pad):
+    s = q @ k.transpose(-2, -1)
+    s = s * 0.125
+    sq, sk = s.shape[-2], s.shape[-1]
+    pad_src = pad.clone()
+    keep = (torch.arange(sk)[None, :] <= torch.arange(sq)[:, None]) & pad_src[:, None, None, :]
+    pad_src[:, :1] = True  # written after the mask was built
+    s = s.masked_fill(~keep, NEG_INF)
+    p = torch.softmax(s, dim=-1)
+    out = p @ v
+    return out
+''',
 ]

@@ -211,10 +211,11 @@ def unserved_rows(
     segments: Optional[Segments] = None,
 ) -> torch.Tensor:
     """Bool ``[B, H, Sq]``: rows a fast kernel (masked scores dropped, ``lse`` from what it saw)
-    cannot serve exactly — no visible key, a finite fill value that is not negligible, or an
-    lse so large (a -1e9 or finfo.min bias hiding the whole row) that float32 lost log(n) next
-    to it and merging partial results by it would be wrong."""
-    unserved = torch.isneginf(lse) | (lse.abs() > _HUGE_LSE)
+    cannot serve exactly — no visible key, a finite fill value that is not negligible, an lse so
+    large (a -1e9 or finfo.min bias hiding the whole row) that float32 lost log(n) next to it and
+    merging partial results by it would be wrong, or a NaN lse (ATen's causal CPU kernel with
+    ``scale=0`` computes -inf · 0)."""
+    unserved = torch.isneginf(lse) | torch.isnan(lse) | (lse.abs() > _HUGE_LSE)
     if math.isfinite(fill) and (mask is not None or segments is not None or not band.is_unbounded):
         unserved |= fill > lse + (_NEGLIGIBLE_LOG - math.log(num_keys))
     return unserved

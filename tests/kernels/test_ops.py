@@ -227,3 +227,14 @@ def test_huge_finite_bias_rows_follow_eager(kernel):
     _check_accuracy(out, q, k, v, {**kw, "bias": bias}, 13 ** -0.5)
     eager = eager_attention(q, k, v, bias=bias, scale=13 ** -0.5, hi=0)
     torch.testing.assert_close(out[..., 5, :], eager[..., 5, :])
+
+
+@pytest.mark.parametrize("kernel", TESTED_KERNELS)
+def test_zero_scale_with_a_causal_band(kernel):
+    """``scale=0`` gives every visible key the same score; ATen's causal CPU kernel returns NaN
+    there (it scales the -inf it masks with by 0). Found by the long fuzz profile."""
+    q, k, v, kw = _case((1, 2, 2, 3, 5, 8, 8), masks="causal", seed=2)
+    out = fa_dynamo.attention(q, k, v, scale=0.0, max_offset=kw["hi"], kernel=kernel)
+    _check_accuracy(out, q, k, v, kw, 0.0)
+    out = fa_dynamo.attention(q, k, v, scale=0.0, max_offset=0, kernel=kernel)
+    _check_accuracy(out, q, k, v, {"hi": 0}, 0.0)

@@ -40,7 +40,7 @@ from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
 from fa_dynamo.passes.score_chain import fold_events, settle_alibi
 from fa_dynamo.passes.manual_softmax import _row_max_of, canonicalize_manual_softmax
 from fa_dynamo.passes.matching import (
-    aten, describe, dtype, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, python_scalar,
+    aten, describe, dtype, insert_with_val, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, python_scalar,
     round_to, shape, val, writes_between,
 )
 
@@ -422,11 +422,7 @@ def _check_sink(site: Site, scores: fx.Node, sink: fx.Node) -> None:
 
 def _negated(t: fx.Node, before: fx.Node) -> fx.Node:
     """``-t`` as a node (with its ``val``) before ``before``; dead code if the site is not fused."""
-    mode = torch._guards.detect_fake_mode([t.meta.get("val")])
-    with before.graph.inserting_before(before), mode or contextlib.nullcontext():
-        neg = before.graph.call_function(aten.neg.default, (t,))
-        neg.meta["val"] = torch.neg(t.meta["val"])
-    return neg
+    return insert_with_val(before, aten.neg.default, (t,))
 
 
 def _fill_value(arg: Any, scores_dtype: torch.dtype) -> float:

@@ -358,7 +358,7 @@ def _emit_alibi(graph: fx.Graph, site: Site, sizes: list, q: fx.Node, op_dtype: 
     """The op's ``alibi_slopes`` keyword argument, ``[B or 1, H or 1]`` in the op's compute dtype
     (float32, float64 for float64 inputs; none without): each term's factor laid out as its bias's
     batch dims (checked in ``score_chain``), scaled."""
-    call, slopes = graph.call_function, None
+    call, slopes = graph.call_function, []
     compute = torch.float64 if op_dtype == torch.float64 else torch.float32
     for term in site.alibi:
         if term.factor is None:
@@ -373,8 +373,8 @@ def _emit_alibi(graph: fx.Graph, site: Site, sizes: list, q: fx.Node, op_dtype: 
                 layout = _sizes_from(graph, [1] * (2 - len(lead)) + lead, [term.factor, q])
             slope = call(aten.reshape.default, (term.factor, layout))
             slope = call(aten.mul.Tensor, (call(aten._to_copy.default, (slope,), {"dtype": compute}), term.scale))
-        slopes = slope if slopes is None else call(aten.add.Tensor, (slopes, slope))
-    return {} if slopes is None else {"alibi_slopes": slopes}
+        slopes.append(slope)
+    return {"alibi_slopes": _combine(graph, slopes, aten.add.Tensor)} if slopes else {}
 
 
 def _relayout(graph: fx.Graph, node: fx.Node, sizes: list) -> fx.Node:

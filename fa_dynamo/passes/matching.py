@@ -8,6 +8,7 @@ of an operation has collapsed to one overload family: ``q @ k.mT``, ``torch.matm
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any, Iterable, Optional
 
@@ -141,3 +142,23 @@ def round_to(value: float, dtype: Optional[torch.dtype]) -> float:
     if dtype is None or not dtype.is_floating_point:
         return value
     return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+def insert_with_val(before: fx.Node, target, args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
+    """A node ``target(*args, **kwargs)`` inserted before ``before``, with its ``val`` computed on
+    its inputs' fake tensors, so later matching can read its shape and dtype. Nodes a refused
+    site leaves unused are removed by the pass's dead-code elimination."""
+    kwargs = kwargs or {}
+    inputs = [n.meta.get("val") for n in _nodes_in((args, kwargs))]
+    with before.graph.inserting_before(before):
+        node = before.graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    with torch._guards.detect_fake_mode(inputs) or contextlib.nullcontext():
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node
+
+
+def _nodes_in(arg: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(arg, found.append)
+    return found

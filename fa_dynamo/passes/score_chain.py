@@ -7,7 +7,6 @@ recognized (``mask_lifting``) become the band, the rest stay dense tensors.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import replace
 from typing import Optional
@@ -18,7 +17,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.passes.attention_site import AlibiTerm, NotFusable, Site
 from fa_dynamo.passes.mask_lifting import Offset, lift_hidden_set, lift_slope
-from fa_dynamo.passes.matching import aten, dtype, is_op, python_scalar, round_to, shape, val, writes_between
+from fa_dynamo.passes.matching import (
+    aten, dtype, insert_with_val, is_op, python_scalar, round_to, shape, val, writes_between,
+)
 
 # A finite additive mask value this negative absorbs any score in float32/bfloat16
 # (s + v == v), so adding it is the same as replacing the score by it.
@@ -95,22 +96,12 @@ def _scaled_node(t: fx.Node, c, power: int, before: fx.Node) -> fx.Node:
     """``t·c`` or ``t / c`` as a node with its ``val``, before ``before`` (or right after ``c``):
     ``c`` a number (as ``t·(1/c)``, so a scaled mask stays liftable: ``mask_lifting`` reads a mask
     times a number) or a one-element tensor node (made 0-d: no type promotion)."""
-    mode = torch._guards.detect_fake_mode([t.meta.get("val")])
-    graph = before.graph
-    if isinstance(c, fx.Node):  # the tensor may be computed after the bias's add: go after it
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        before = c.next if order[c] > order[before] else before
-    with graph.inserting_before(before), mode or contextlib.nullcontext():
-        if isinstance(c, fx.Node):
-            factor = graph.call_function(aten.reshape.default, (c, []))
-            factor.meta["val"] = c.meta["val"].reshape([])
-            op, factor_val = (aten.mul.Tensor if power == 1 else aten.div.Tensor), factor.meta["val"]
-        else:
-            factor = factor_val = c if power == 1 else 1.0 / c
-            op = aten.mul.Tensor
-        node = graph.call_function(op, (t, factor))
-        node.meta["val"] = op(t.meta["val"], factor_val)
-    return node
+    if not isinstance(c, fx.Node):
+        return insert_with_val(before, aten.mul.Tensor, (t, c if power == 1 else 1.0 / c))
+    order = {n: i for i, n in enumerate(before.graph.nodes)}
+    before = c.next if order[c] > order[before] else before  # c may be computed after the bias's add
+    factor = insert_with_val(before, aten.reshape.default, (c, []))
+    return insert_with_val(before, aten.mul.Tensor if power == 1 else aten.div.Tensor, (t, factor))
 
 
 def _finite_fills_as_biases(site: Site, events: list) -> list:
@@ -143,16 +134,10 @@ def _finite_fills_as_biases(site: Site, events: list) -> list:
 
 def _fill_as_bias(cond: fx.Node, hidden_where_true: bool, value: float, scores_dtype, before: fx.Node) -> fx.Node:
     """``where(cond, value, 0)`` (or ``where(cond, 0, value)``) in the scores' dtype, with its ``val``."""
-    graph = before.graph
     values = (value, 0.0) if hidden_where_true else (0.0, value)
-    mode = torch._guards.detect_fake_mode([cond.meta.get("val")])
-    with graph.inserting_before(before), mode or contextlib.nullcontext():
-        bias = graph.call_function(aten.where.Scalar, (cond, *values))
-        bias.meta["val"] = torch.where(cond.meta["val"], *values)
-        if scores_dtype != torch.float32:
-            cast = graph.call_function(aten._to_copy.default, (bias,), {"dtype": scores_dtype})
-            cast.meta["val"] = bias.meta["val"].to(scores_dtype)
-            bias = cast
+    bias = insert_with_val(before, aten.where.Scalar, (cond, *values))
+    if scores_dtype != torch.float32:
+        bias = insert_with_val(before, aten._to_copy.default, (bias,), {"dtype": scores_dtype})
     return bias
 
 

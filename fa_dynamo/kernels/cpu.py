@@ -78,11 +78,11 @@ class _Problem:
         """The float mask of the tile (dense bias + ALiBi + dense mask + band + segments), or None."""
         tile = None
         if self.bias is not None:
-            tile = _slice_keys(_slice_rows(self.bias, q0, q1), k0, k1).float()
-        if self.alibi is not None:
+            tile = _slice_keys(_slice_rows(self.bias, q0, q1), k0, k1)
+        if self.alibi is not None:  # summed with the bias in float32
             alibi = self.alibi.tile(q0, q1, k0, k1, torch.float32)
-            tile = alibi if tile is None else tile + alibi
-        if tile is not None:  # summed in float32, then in the kernel's dtype
+            tile = alibi if tile is None else tile.float() + alibi
+        if tile is not None:
             tile = tile.to(self.q.dtype)
         hidden = _slice_keys(_slice_rows(self.mask, q0, q1), k0, k1)
         if with_band:

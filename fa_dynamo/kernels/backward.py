@@ -34,6 +34,7 @@ def attention_backward(
     segments: Optional[Segments] = None,
     alibi: Optional[Alibi] = None,
     needs_slopes_grad: bool = False,
+    zero_empty_rows: bool = False,
 ) -> tuple:
     """``(dq, dk, dv, dbias, dslopes)``; ``dbias`` has ``bias``'s shape and ``dslopes`` the ALiBi
     slopes', each None when not needed."""
@@ -60,6 +61,7 @@ def attention_backward(
                 q_t, k_leaf, v_leaf, bias_t, rows_of(mask, idx),
                 scale=scale, softcap=softcap, fill=fill, band=band, q_idx=idx,
                 segments=None if segments is None else segments.rows(idx), alibi=alibi_t,
+                zero_empty_rows=zero_empty_rows,
             )
             inputs = ((q_t, k_leaf, v_leaf) + ((bias_t,) if needs_bias_grad else ())
                       + ((alibi_t.slopes,) if needs_slopes_grad else ()))

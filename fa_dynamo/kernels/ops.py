@@ -44,6 +44,7 @@ def attention(
     q_segments: Optional[torch.Tensor] = None,
     k_segments: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    zero_empty_rows: bool = False,
 ) -> torch.Tensor:
     """Attention as eager PyTorch computes it, without the Sq×Sk intermediates.
 
@@ -70,10 +71,13 @@ def attention(
             be 1): ``slopes[b, h] · (j − i)`` is added with the bias, computed per tile, never
             held as an Sq×Sk tensor. A model's ``slope · j`` or causal ``−slope · |i − j|`` is
             the same attention (softmax ignores a per-row constant).
+        zero_empty_rows: a row whose scores are all ``-inf`` gives 0 (and passes no gradient),
+            as ``F.scaled_dot_product_attention`` does (its ``_safe_softmax``), instead of NaN,
+            as ``softmax`` does.
 
     Returns:
         ``[B, Hq, Sq, Dv]`` in ``q``'s dtype. A row whose scores are all ``-inf`` is NaN, as in
-        eager PyTorch.
+        eager PyTorch's softmax (0 with ``zero_empty_rows``).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = None if bias is None else _as_4d(bias, "bias")
@@ -82,7 +86,7 @@ def attention(
         alibi_slopes = alibi_slopes.unsqueeze(0)
     out, _ = torch.ops.fa_dynamo.attention(
         q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
-        q_segments=q_segments, k_segments=k_segments, alibi_slopes=alibi_slopes,
+        q_segments=q_segments, k_segments=k_segments, alibi_slopes=alibi_slopes, zero_empty_rows=zero_empty_rows,
     )
     return out
 
@@ -179,6 +183,7 @@ def _attention_op(
     q_segments: Optional[torch.Tensor] = None,
     k_segments: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    zero_empty_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments, alibi_slopes)
     out, lse = _run_kernel(
@@ -186,12 +191,14 @@ def _attention_op(
         scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset),
         block_q=block_q, block_k=block_k, segments=Segments.of(q_segments, k_segments), alibi=Alibi.of(alibi_slopes),
     )
+    if zero_empty_rows:  # every kernel gives NaN and lse = -inf there; SDPA's semantics give 0
+        out = out.masked_fill(torch.isneginf(lse).unsqueeze(-1), 0)
     return out.contiguous(), lse.contiguous()  # the layout the fake implementation promises
 
 
 @_attention_op.register_fake
 def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
-      q_segments=None, k_segments=None, alibi_slopes=None):
+      q_segments=None, k_segments=None, alibi_slopes=None, zero_empty_rows=False):
     check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments, alibi_slopes)
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
@@ -200,9 +207,10 @@ def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel,
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
-     q_segments, k_segments, alibi_slopes) = inputs
+     q_segments, k_segments, alibi_slopes, zero_empty_rows) = inputs
     ctx.save_for_backward(q, k, v, bias, mask, q_segments, k_segments, alibi_slopes, *output)  # out, lse: for the FA2 backward
     ctx.params = dict(scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset), block_q=block_q)
+    ctx.zero_empty_rows = zero_empty_rows
     ctx.kernel, ctx.block_k = kernel, block_k
     ctx.mark_non_differentiable(output[1])
 
@@ -211,15 +219,16 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, bias, mask, q_segments, k_segments, alibi_slopes, out, lse = ctx.saved_tensors
     grads_of = dict(needs_bias_grad=bias is not None and ctx.needs_input_grad[3],
                     needs_slopes_grad=alibi_slopes is not None and ctx.needs_input_grad[15])
-    kw = dict(segments=Segments.of(q_segments, k_segments), alibi=Alibi.of(alibi_slopes), **grads_of, **ctx.params)
+    kw = dict(segments=Segments.of(q_segments, k_segments), alibi=Alibi.of(alibi_slopes),
+              zero_empty_rows=ctx.zero_empty_rows, **grads_of, **ctx.params)
     triton_backward = _triton_entry("attention_triton_backward") if _wants_triton(ctx.kernel, q) else None
     if triton_backward is not None:
         dq, dk, dv, dbias, dslopes = triton_backward(grad_out, q, k, v, bias, mask, block_k=ctx.block_k, out=out,
                                                      lse=lse, **kw)
     else:
         dq, dk, dv, dbias, dslopes = attention_backward(grad_out, q, k, v, bias, mask, **kw)
-    # mask, scalars and segment ids have no gradient
-    return (dq, dk, dv, dbias) + (None,) * 11 + (dslopes,)
+    # mask, scalars, segment ids and the empty-row switch have no gradient
+    return (dq, dk, dv, dbias) + (None,) * 11 + (dslopes, None)
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -14,7 +14,8 @@ For query row ``i`` and key ``j`` of head ``h`` (key/value head ``h // (Hq // Hk
     out[i] = softmax_j(s) · v
 
 computed in float32 (float64 for float64 inputs), so a row whose scores are all ``-inf`` gives
-NaN exactly as eager PyTorch does, and a row filled with a finite value averages ``v`` uniformly.
+NaN exactly as eager PyTorch does (0 with ``zero_empty_rows``, as SDPA's ``_safe_softmax``
+does), and a row filled with a finite value averages ``v`` uniformly.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def reference_attention(
     segments: Optional[Segments] = None,
     alibi: Optional[Alibi] = None,
     q_idx: Optional[torch.Tensor] = None,
+    zero_empty_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32)``.
 
@@ -116,7 +118,7 @@ def reference_attention(
         q_idx = torch.arange(q.shape[2], device=q.device)
     s = masked_scores(q, k, q_idx, scale=scale, softcap=softcap, bias=bias, mask=mask, fill=fill, band=band,
                       segments=segments, alibi=alibi)
-    p = torch.softmax(s, dim=-1)
+    p = torch.ops.aten._safe_softmax(s, -1) if zero_empty_rows else torch.softmax(s, dim=-1)
     out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
     lse = torch.logsumexp(s, dim=-1)
     return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2).float()

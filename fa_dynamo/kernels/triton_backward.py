@@ -349,6 +349,7 @@ def attention_triton_backward(
     segments: Optional[Segments] = None,
     alibi: Optional[Alibi] = None,
     needs_slopes_grad: bool = False,
+    zero_empty_rows: bool = False,
 ) -> tuple:
     """Same contract as ``backward.attention_backward``: ``(dq, dk, dv, dbias, dslopes)``.
 
@@ -362,13 +363,14 @@ def attention_triton_backward(
         _say_once("fa_dynamo: the triton backward does not compute bias or ALiBi slope gradients; "
                   "using the reference backward")
         return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad,
-                                  needs_slopes_grad=needs_slopes_grad, **kw)
+                                  needs_slopes_grad=needs_slopes_grad, zero_empty_rows=zero_empty_rows, **kw)
     if out is None or lse is None:
         out, lse = attention_triton(q, k, v, bias, mask, block_k=block_k, **kw)
     q_ids, k_ids = (None, None) if segments is None else segments
     dq, dk, dv = torch.ops.fa_dynamo.attention_triton_backward(
         grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band.min_offset, band.max_offset,
         block_q, block_k, q_segments=q_ids, k_segments=k_ids, alibi_slopes=None if alibi is None else alibi.slopes,
+        zero_empty_rows=zero_empty_rows,
     )
     return dq, dk, dv, None, None
 
@@ -393,22 +395,26 @@ def _backward_op(
     q_segments: Optional[torch.Tensor] = None,
     k_segments: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    zero_empty_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     band = Band(min_offset, max_offset)
     segments = Segments.of(q_segments, k_segments)
     return _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments,
-                     Alibi.of(alibi_slopes))
+                     Alibi.of(alibi_slopes), zero_empty_rows)
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, min_offset, max_offset, block_q, block_k,
-      q_segments=None, k_segments=None, alibi_slopes=None):
+      q_segments=None, k_segments=None, alibi_slopes=None, zero_empty_rows=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments, alibi):
-    """The FA2 backward kernels: ``(dq, dk, dv)`` in the inputs' dtypes."""
-    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, segments=segments, alibi=alibi)
+def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments, alibi,
+              zero_empty_rows):
+    """The FA2 backward kernels: ``(dq, dk, dv)`` in the inputs' dtypes. Rows the kernels cannot
+    serve (``unserved_rows``: rows with no visible key among them) go to the reference."""
+    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, segments=segments, alibi=alibi,
+              zero_empty_rows=zero_empty_rows)
     reason = unsupported_reason(q, v)
     if reason is not None or min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
         if reason is not None:
@@ -461,13 +467,14 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
 
 
 def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scale, softcap, fill, band, block_q,
-                        segments, alibi):
+                        segments, alibi, zero_empty_rows):
     """Add the reference's gradients of query rows ``rows`` (in place, fp32 buffers).
 
     The reference backward is autograd through ``reference_attention``; this is the same chain
     written out (autograd does not record inside a custom op): softmax backward, ``masked_fill``
     backward (zero where hidden), tanh backward, the two matmuls. So NaN lands exactly where
-    autograd puts it (e.g. ``dv`` of a row whose scores are all ``-inf``).
+    autograd puts it (e.g. ``dv`` of a row whose scores are all ``-inf``; 0 there with
+    ``zero_empty_rows``, as ``_safe_softmax``'s backward gives).
     """
     num_kv_heads, keys = k.shape[1], torch.arange(k.shape[2], device=q.device)
     k_c, v_c = k.float().unsqueeze(2), v.float().unsqueeze(2)  # [B, Hkv, 1, Sk, D]
@@ -477,7 +484,7 @@ def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scal
         s = masked_scores(q_r, k, idx, scale=scale, softcap=softcap, bias=rows_of(bias, idx),
                           mask=rows_of(mask, idx), fill=fill, band=band, segments=seg_r,
                           alibi=alibi)  # [B, Hkv, G, n, Sk]
-        p = torch.softmax(s, dim=-1)
+        p = torch.ops.aten._safe_softmax(s, -1) if zero_empty_rows else torch.softmax(s, dim=-1)
         do_r = group_heads(grad_out.index_select(2, idx).float(), num_kv_heads)
         dp = do_r @ v_c.transpose(-1, -2)
         ds = p * (dp - (dp * p).sum(-1, keepdim=True))

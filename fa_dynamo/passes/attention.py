@@ -38,6 +38,7 @@ from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.attention_rewrite import is_metadata_read, rewrite
 from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
 from fa_dynamo.passes.score_chain import fold_events, settle_alibi
+from fa_dynamo.passes.sdpa import expand_sdpa, is_sdpa
 from fa_dynamo.passes.manual_softmax import _row_max_of, canonicalize_manual_softmax
 from fa_dynamo.passes.matching import (
     aten, describe, dtype, insert_with_val, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, python_scalar,
@@ -70,30 +71,59 @@ class AttentionPass(GraphPass):
 
     def run(self, gm: fx.GraphModule, config: FastAttentionConfig, report: PassReport) -> None:
         graph = gm.graph
+        expanded = _expand_sdpa_calls(graph, report)
+        kept = {n for e in expanded.values() for n in e.kept}  # SDPA calls that may yet be restored
+        dead_code = lambda: graph.eliminate_dead_code(is_impure_node=lambda n: n in kept or n.is_impure())  # noqa: E731
         for where in canonicalize_manual_softmax(gm):
-            log.debug("fa_dynamo: hand-written softmax at %s read as aten.softmax", where)
+            log.debug("hand-written softmax at %s read as aten.softmax", where)
         _type_as_to_dtype(graph)
         mutated = frozenset(mutated_nodes(graph))
         stale = _apply_autocast(gm)
         for softmax in list(graph.nodes):
-            if not is_op(softmax, aten.softmax, aten._softmax) or softmax.graph is not graph:
+            if not is_op(softmax, *_SOFTMAXES) or softmax.graph is not graph:
                 continue
-            if not _is_candidate(softmax):
-                log.debug("fa_dynamo: %s is not attention (no Q·Kᵀ behind it or no P·V after it)",
-                          describe(softmax))
-                continue
+            sdpa = expanded.get(softmax)
+            where = describe(softmax if sdpa is None else sdpa.call)
             try:
+                if not _is_candidate(softmax):
+                    if sdpa is not None:
+                        raise NotFusable("SDPA's written-out form is not attention-shaped")
+                    log.debug("%s is not attention (no Q·Kᵀ behind it or no P·V after it)", describe(softmax))
+                    continue
                 site = _match(softmax, mutated)
                 if (inside := {site.qk, softmax, site.pv} & stale.keys()):
                     why = stale[next(iter(inside))]
                     raise NotFusable(f"inside a torch.autocast region whose dtypes could not be recomputed ({why})")
                 rewrite(graph, site, config)
             except NotFusable as e:
-                report.sites.append(SiteReport(describe(softmax), False, str(e)))
-                graph.eliminate_dead_code()  # drop nodes a refused rewrite had started
-                continue
-            report.sites.append(SiteReport(describe(softmax), True, mask=_mask_kind(site), kernel=config.kernel))
-            graph.eliminate_dead_code()
+                if sdpa is not None:
+                    sdpa.restore()
+                report.sites.append(SiteReport(where, False, str(e)))
+            else:
+                report.sites.append(SiteReport(where, True, mask=_mask_kind(site), kernel=config.kernel))
+                if sdpa is not None:
+                    sdpa.erase()
+            if sdpa is not None:
+                kept.difference_update(sdpa.kept)
+            dead_code()  # the fused site's old nodes, or what a refused rewrite had started
+
+
+_SOFTMAXES = (aten.softmax, aten._softmax, aten._safe_softmax)
+
+
+def _expand_sdpa_calls(graph: fx.Graph, report: PassReport) -> dict:
+    """Every SDPA call written out as its math (``sdpa.expand_sdpa``), by the softmax it starts
+    from; calls it cannot write out exactly are reported and left alone."""
+    expanded = {}
+    for node in list(graph.nodes):
+        if not is_sdpa(node):
+            continue
+        expansion, why = expand_sdpa(node)
+        if expansion is None:
+            report.sites.append(SiteReport(describe(node), False, why))
+        else:
+            expanded[expansion.softmax] = expansion
+    return expanded
 
 
 def _type_as_to_dtype(graph: fx.Graph) -> None:
@@ -226,7 +256,8 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
             is_op(bias, aten.full) and bias.args[1] == 0)  # torch.empty(..).zero_() too
         events = [("scale", (alpha, 1))] + ([("bias", bias, qk)] if beta == 1 and not zeros else []) + events
     pv = _walk_probs(softmax, reads, with_sink=sink is not None)
-    site = Site(softmax, qk, pv, mutated=mutated, metadata_reads=reads)
+    site = Site(softmax, qk, pv, mutated=mutated, metadata_reads=reads,
+                zero_empty_rows=is_op(softmax, aten._safe_softmax))
     _read_qk(site)
     _read_pv(site)
     if {site.q.node, site.k.node} & writes_between(qk, pv):

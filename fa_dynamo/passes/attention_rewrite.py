@@ -259,7 +259,8 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
             torch.ops.fa_dynamo.attention.default,
             (q, k, v, bias, mask, _emit_scale(graph, site), site.softcap, fill, lo, hi,
              config.kernel, config.block_q, config.block_k),
-            {**_emit_segments(graph, site, segments, sizes, q, k), **_emit_alibi(graph, site, sizes, q, op_dtype)},
+            {**_emit_segments(graph, site, segments, sizes, q, k), **_emit_alibi(graph, site, sizes, q, op_dtype),
+             **({"zero_empty_rows": True} if site.zero_empty_rows else {})},
         )
         out = graph.call_function(operator.getitem, (op, 0))
         if site.sink is not None:

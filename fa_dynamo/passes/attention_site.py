@@ -67,3 +67,4 @@ class Site:
     metadata_reads: list[fx.Node] = field(default_factory=list)  # size/dtype reads of scores or probs
     sink: Optional[fx.Node] = None  # per-head sink logits (gpt-oss), broadcastable to [*batch, 1, 1]
     alibi: list[AlibiTerm] = field(default_factory=list)  # biases passed as slopes
+    zero_empty_rows: bool = False  # ``_safe_softmax`` (an SDPA call): rows with no visible key give 0

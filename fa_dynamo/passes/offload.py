@@ -107,6 +107,8 @@ def _plan(node: fx.Node, config: FastAttentionConfig, budget_bytes: int) -> _Pla
         raise NotOffloaded("segment masks (packed sequences, chunked attention) are not served by cooperative attention yet")
     if node.kwargs.get("alibi_slopes") is not None:
         raise NotOffloaded("structural ALiBi is not served by cooperative attention yet")
+    if node.kwargs.get("zero_empty_rows"):
+        raise NotOffloaded("SDPA sites (0 for rows with no visible key) are not served by cooperative attention yet")
     q, k, v = node.args[:3]
     k_src, v_src = _strip_repeat_kv(k), _strip_repeat_kv(v)
     if (k_src is k) == (v_src is v):  # both repeated (GQA without copies) or neither

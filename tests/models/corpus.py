@@ -1,8 +1,8 @@
 """The model corpus: tiny transformers models of many families, and the cases each one runs.
 
 Every model is built from a config object with random weights (nothing is downloaded):
-2 layers, hidden size 64, 4 heads, a 128-token vocabulary, ``attn_implementation="eager"``,
-every dropout probability 0, and weights drawn ~10x wider than the default init so that the
+2 layers, hidden size 64, 4 heads, a 128-token vocabulary, ``attn_implementation="eager"``
+(hand-written attention) or ``"sdpa"`` (SDPA calls, as transformers ships them by default), every dropout probability 0, and weights drawn ~10x wider than the default init so that the
 attention is far from uniform (a wrong scale, mask or head mapping shows above 1e-4).
 
 A *case* is one way of calling a model::
@@ -81,7 +81,7 @@ class Case:
 class Family:
     name: str
     kind: str  # decoder | encoder | seq2seq | vision | clip
-    build: Callable[[], torch.nn.Module] = field(repr=False)
+    build: Callable[[str], torch.nn.Module] = field(repr=False)  # attn_implementation → model
     pad_token_id: int = 0
     note: str = ""  # what this family brings to the corpus
     extra_cases: tuple[str, ...] = ()  # cases beyond its kind's (``packed``)
@@ -96,129 +96,128 @@ class Family:
 
 # --- builders ---------------------------------------------------------------------------------
 
-_EAGER = dict(attn_implementation="eager")
 _IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _LLAMA_LIKE = dict(
     vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
     num_attention_heads=HEADS, max_position_embeddings=128, attention_dropout=0.0,
-    initializer_range=INIT, **_IDS, **_EAGER,
+    initializer_range=INIT, **_IDS,
 )
 
 
-def _llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA_LIKE, num_key_value_heads=2))
+def _llama(attn):
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA_LIKE, attn_implementation=attn, num_key_value_heads=2))
 
 
-def _llama4():  # chunked attention (chunks of CHUNK tokens) and full attention alternating, no MoE
+def _llama4(attn):  # chunked attention (chunks of CHUNK tokens) and full attention alternating, no MoE
     config = transformers.Llama4TextConfig(
-        **_LLAMA_LIKE, num_key_value_heads=2, head_dim=HEAD_DIM, intermediate_size_mlp=2 * HIDDEN,
+        **_LLAMA_LIKE, attn_implementation=attn, num_key_value_heads=2, head_dim=HEAD_DIM, intermediate_size_mlp=2 * HIDDEN,
         num_local_experts=2, moe_layers=[], attention_chunk_size=CHUNK,
         layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0],
     )
     return transformers.Llama4ForCausalLM(config)
 
 
-def _mistral():
+def _mistral(attn):
     return transformers.MistralForCausalLM(
-        transformers.MistralConfig(**_LLAMA_LIKE, num_key_value_heads=2, sliding_window=WINDOW)
+        transformers.MistralConfig(**_LLAMA_LIKE, attn_implementation=attn, num_key_value_heads=2, sliding_window=WINDOW)
     )
 
 
-def _qwen2():
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_LLAMA_LIKE, num_key_value_heads=2))
+def _qwen2(attn):
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_LLAMA_LIKE, attn_implementation=attn, num_key_value_heads=2))
 
 
-def _qwen3():
+def _qwen3(attn):
     return transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(**_LLAMA_LIKE, num_key_value_heads=2, head_dim=HEAD_DIM)
+        transformers.Qwen3Config(**_LLAMA_LIKE, attn_implementation=attn, num_key_value_heads=2, head_dim=HEAD_DIM)
     )
 
 
-def _gemma():  # multi-query: one key/value head
+def _gemma(attn):  # multi-query: one key/value head
     return transformers.GemmaForCausalLM(
-        transformers.GemmaConfig(**_LLAMA_LIKE, num_key_value_heads=1, head_dim=HEAD_DIM)
+        transformers.GemmaConfig(**_LLAMA_LIKE, attn_implementation=attn, num_key_value_heads=1, head_dim=HEAD_DIM)
     )
 
 
-def _gemma2():  # tanh softcap on the scores, alternating sliding-window / full layers
+def _gemma2(attn):  # tanh softcap on the scores, alternating sliding-window / full layers
     return transformers.Gemma2ForCausalLM(
         transformers.Gemma2Config(
-            **_LLAMA_LIKE, num_key_value_heads=2, head_dim=HEAD_DIM, sliding_window=WINDOW,
+            **_LLAMA_LIKE, attn_implementation=attn, num_key_value_heads=2, head_dim=HEAD_DIM, sliding_window=WINDOW,
             layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=HEAD_DIM,
             attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
         )
     )
 
 
-def _phi3():
+def _phi3(attn):
     return transformers.Phi3ForCausalLM(
-        transformers.Phi3Config(**_LLAMA_LIKE, num_key_value_heads=HEADS, resid_pdrop=0.0, embd_pdrop=0.0)
+        transformers.Phi3Config(**_LLAMA_LIKE, attn_implementation=attn, num_key_value_heads=HEADS, resid_pdrop=0.0, embd_pdrop=0.0)
     )
 
 
-def _gpt2():
+def _gpt2(attn):
     return transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
             vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=128,
-            attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, initializer_range=INIT, **_IDS, **_EAGER,
+            attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, initializer_range=INIT, **_IDS, attn_implementation=attn,
         )
     )
 
 
-def _gpt_neox():
+def _gpt_neox(attn):
     return transformers.GPTNeoXForCausalLM(
         transformers.GPTNeoXConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
             intermediate_size=2 * HIDDEN, max_position_embeddings=128, attention_dropout=0.0,
-            hidden_dropout=0.0, initializer_range=INIT, **_IDS, **_EAGER,
+            hidden_dropout=0.0, initializer_range=INIT, **_IDS, attn_implementation=attn,
         )
     )
 
 
-def _gptj():
+def _gptj(attn):
     return transformers.GPTJForCausalLM(
         transformers.GPTJConfig(
             vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=HEAD_DIM // 2,
             n_positions=128, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, initializer_range=INIT,
-            **_IDS, **_EAGER,
+            **_IDS, attn_implementation=attn,
         )
     )
 
 
-def _opt():
+def _opt(attn):
     return transformers.OPTForCausalLM(
         transformers.OPTConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, ffn_dim=2 * HIDDEN,
             num_attention_heads=HEADS, max_position_embeddings=128, word_embed_proj_dim=HIDDEN,
-            dropout=0.0, attention_dropout=0.0, init_std=INIT, **_IDS, **_EAGER,
+            dropout=0.0, attention_dropout=0.0, init_std=INIT, **_IDS, attn_implementation=attn,
         )
     )
 
 
-def _bloom():  # ALiBi position bias, added through baddbmm
+def _bloom(attn):  # ALiBi position bias, added through baddbmm
     return transformers.BloomForCausalLM(
         transformers.BloomConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, attention_dropout=0.0,
-            hidden_dropout=0.0, initializer_range=INIT, **_IDS, **_EAGER,
+            hidden_dropout=0.0, initializer_range=INIT, **_IDS, attn_implementation=attn,
         )
     )
 
 
-def _mpt():  # ALiBi built from an arange longer than the input and sliced (a per-key slope · j)
+def _mpt(attn):  # ALiBi built from an arange longer than the input and sliced (a per-key slope · j)
     return transformers.MptForCausalLM(
         transformers.MptConfig(
             vocab_size=VOCAB, d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=128, resid_pdrop=0,
-            emb_pdrop=0, initializer_range=INIT, **_IDS, **_EAGER,
+            emb_pdrop=0, initializer_range=INIT, **_IDS, attn_implementation=attn,
         )
     )
 
 
-def _falcon():  # multi-query, rotary, parallel attention (the 7B layout)
+def _falcon(attn):  # multi-query, rotary, parallel attention (the 7B layout)
     return transformers.FalconForCausalLM(
         transformers.FalconConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
             multi_query=True, new_decoder_architecture=False, alibi=False, attention_dropout=0.0,
-            hidden_dropout=0.0, initializer_range=INIT, max_position_embeddings=128, **_IDS, **_EAGER,
+            hidden_dropout=0.0, initializer_range=INIT, max_position_embeddings=128, **_IDS, attn_implementation=attn,
         )
     )
 
@@ -226,45 +225,45 @@ def _falcon():  # multi-query, rotary, parallel attention (the 7B layout)
 _BERT_LIKE = dict(
     vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
     intermediate_size=2 * HIDDEN, max_position_embeddings=128, hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0, initializer_range=INIT, **_EAGER,
+    attention_probs_dropout_prob=0.0, initializer_range=INIT,
 )
 
 
-def _bert():
-    return transformers.BertModel(transformers.BertConfig(**_BERT_LIKE, pad_token_id=0), add_pooling_layer=False)
+def _bert(attn):
+    return transformers.BertModel(transformers.BertConfig(**_BERT_LIKE, attn_implementation=attn, pad_token_id=0), add_pooling_layer=False)
 
 
-def _roberta():  # positions counted from padding_idx + 1, padding read off input_ids
+def _roberta(attn):  # positions counted from padding_idx + 1, padding read off input_ids
     return transformers.RobertaModel(
-        transformers.RobertaConfig(**_BERT_LIKE, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+        transformers.RobertaConfig(**_BERT_LIKE, attn_implementation=attn, pad_token_id=1, bos_token_id=0, eos_token_id=2),
         add_pooling_layer=False,
     )
 
 
-def _t5():  # relative position bias (shared by the layers), no 1/sqrt(d) scaling
+def _t5(attn):  # relative position bias (shared by the layers), no 1/sqrt(d) scaling
     return transformers.T5ForConditionalGeneration(
         transformers.T5Config(
             vocab_size=VOCAB, d_model=HIDDEN, d_kv=HEAD_DIM, d_ff=2 * HIDDEN, num_layers=LAYERS,
             num_decoder_layers=LAYERS, num_heads=HEADS, relative_attention_num_buckets=8,
             relative_attention_max_distance=16, dropout_rate=0.0, initializer_factor=1.0,
-            pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, **_EAGER,
+            pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, attn_implementation=attn,
         )
     )
 
 
-def _bart():  # encoder self-attention, causal decoder, cross-attention
+def _bart(attn):  # encoder self-attention, causal decoder, cross-attention
     return transformers.BartForConditionalGeneration(
         transformers.BartConfig(
             vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
             encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=2 * HIDDEN,
             decoder_ffn_dim=2 * HIDDEN, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, init_std=INIT, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-            decoder_start_token_id=2, forced_eos_token_id=2, **_EAGER,
+            decoder_start_token_id=2, forced_eos_token_id=2, attn_implementation=attn,
         )
     )
 
 
-def _whisper():  # audio encoder (no mask), causal decoder, cross-attention
+def _whisper(attn):  # audio encoder (no mask), causal decoder, cross-attention
     return transformers.WhisperForConditionalGeneration(
         transformers.WhisperConfig(
             vocab_size=VOCAB, num_mel_bins=MEL_BINS, d_model=HIDDEN, encoder_layers=LAYERS,
@@ -272,23 +271,23 @@ def _whisper():  # audio encoder (no mask), causal decoder, cross-attention
             encoder_ffn_dim=2 * HIDDEN, decoder_ffn_dim=2 * HIDDEN, max_source_positions=AUDIO_FRAMES // 2,
             max_target_positions=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
             init_std=INIT, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-            suppress_tokens=None, begin_suppress_tokens=None, **_EAGER,
+            suppress_tokens=None, begin_suppress_tokens=None, attn_implementation=attn,
         )
     )
 
 
-def _vit():
+def _vit(attn):
     return transformers.ViTModel(
         transformers.ViTConfig(
             hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * HIDDEN,
             image_size=IMAGE, patch_size=PATCH, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            initializer_range=INIT, **_EAGER,
+            initializer_range=INIT, attn_implementation=attn,
         ),
         add_pooling_layer=False,
     )
 
 
-def _clip():  # causal (+ padding) text tower and an unmasked vision tower
+def _clip(attn):  # causal (+ padding) text tower and an unmasked vision tower
     tower = dict(
         hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         attention_dropout=0.0, initializer_factor=3.0,
@@ -298,7 +297,7 @@ def _clip():  # causal (+ padding) text tower and an unmasked vision tower
             tower, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2
         ),
         vision_config=dict(tower, image_size=IMAGE, patch_size=PATCH),
-        projection_dim=32, initializer_factor=3.0, **_EAGER,
+        projection_dim=32, initializer_factor=3.0, attn_implementation=attn,
     )
     return transformers.CLIPModel(config)
 
@@ -454,28 +453,38 @@ def _clip_case(fam: Family, model, case: str) -> Case:
     raise ValueError(f"unknown CLIP case {case!r}; expected one of {CLIP_CASES}")
 
 
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+# transformers ships these three with hand-written attention only (no SDPA path).
+SDPA_FAMILIES = frozenset(FAMILIES) - {"gemma2", "bloom", "mpt"}
+
+
 _CASE_MAKERS = {
     "decoder": _decoder_case, "encoder": _encoder_case, "seq2seq": _seq2seq_case,
     "vision": _vision_case, "clip": _clip_case,
 }
 
 
-def build_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """The family's tiny model in eval mode, with weights drawn from ``seed``."""
+def build_model(family: str, seed: int = 0, attn: str = "eager") -> torch.nn.Module:
+    """The family's tiny model in eval mode, with weights drawn from ``seed`` and transformers'
+    ``attn_implementation`` ``attn``: ``"eager"`` (hand-written attention) or ``"sdpa"`` (the
+    default as transformers ships it; families in ``SDPA_FAMILIES``)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; the corpus has {sorted(FAMILIES)}")
+    if attn not in ATTENTION_IMPLEMENTATIONS or (attn == "sdpa" and family not in SDPA_FAMILIES):
+        raise ValueError(f"{family} has no attn_implementation={attn!r} in transformers; "
+                         f"SDPA families: {sorted(SDPA_FAMILIES)}")
     torch.manual_seed(seed)
-    model = FAMILIES[family].build().eval()
-    assert model.config._attn_implementation == "eager", (family, model.config._attn_implementation)
+    model = FAMILIES[family].build(attn).eval()
+    assert model.config._attn_implementation == attn, (family, model.config._attn_implementation)
     return model
 
 
-def build_case(family: str, case: str, seed: int = 0, model: torch.nn.Module = None) -> Case:
+def build_case(family: str, case: str, seed: int = 0, model: torch.nn.Module = None, attn: str = "eager") -> Case:
     """One case of one family; pass ``model`` to reuse a model built by ``build_model``."""
     fam = FAMILIES[family]
     if case not in fam.cases:
         raise ValueError(f"{family} has no case {case!r}; its cases are {fam.cases}")
-    model = model if model is not None else build_model(family, seed)
+    model = model if model is not None else build_model(family, seed, attn)
     torch.manual_seed(seed + 1)
     return _CASE_MAKERS[fam.kind](fam, model, case)
 
@@ -488,15 +497,19 @@ def expected_sites(family: str, case: str) -> int:
     return 2 * LAYERS if case == "decode" else 3 * LAYERS
 
 
-def all_case_ids() -> list[tuple[str, str]]:
-    """Every (family, case) pair of the corpus, family by family."""
-    return [(name, case) for name, fam in FAMILIES.items() for case in fam.cases]
+def _families(attn: str) -> dict[str, Family]:
+    return {name: fam for name, fam in FAMILIES.items() if attn == "eager" or name in SDPA_FAMILIES}
 
 
-def first_case_ids() -> list[tuple[str, str]]:
+def all_case_ids(attn: str = "eager") -> list[tuple[str, str]]:
+    """Every (family, case) pair of the corpus with ``attn``, family by family."""
+    return [(name, case) for name, fam in _families(attn).items() for case in fam.cases]
+
+
+def first_case_ids(attn: str = "eager") -> list[tuple[str, str]]:
     """One case per family: the most demanding one that still compiles quickly (a padded prefill)."""
     pick = {
         "decoder": "pad_left", "encoder": "pad_right", "seq2seq": "pad_right", "vision": "nopad",
         "clip": "text_pad_right",
     }
-    return [(name, pick[fam.kind]) for name, fam in FAMILIES.items()]
+    return [(name, pick[fam.kind]) for name, fam in _families(attn).items()]

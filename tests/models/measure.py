@@ -8,8 +8,9 @@ Shared by ``tests/models/test_corpus.py`` (which asserts on it) and ``benchmarks
     result.sites, result.fused, result.refused, result.max_diff
     measure_inductor(case)                    # Inductor's own fuse_attention count on the same case
 
-A *site* is a softmax over the last dim, in a graph as the passes saw it (pre-dispatch ATen,
-before any rewrite), whose probabilities reach a matmul: the attention the pass should fuse.
+A *site* is an SDPA call or a softmax over the last dim whose probabilities reach a matmul, in
+a graph as the passes saw it (pre-dispatch ATen, before any rewrite): the attention the pass
+should fuse.
 *Fused* counts ``fa_dynamo.attention`` calls in the rewritten graphs.
 """
 
@@ -28,6 +29,7 @@ from tests.models.corpus import Case
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.fa_dynamo.attention.default
 _SOFTMAXES = (aten.softmax, aten._softmax, aten._safe_softmax)
+_SDPA = (aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu)
 _MATMULS = (aten.matmul, aten.bmm, aten.einsum, aten.baddbmm)
 # Ops the probabilities may pass through on their way to P·V (slices: gpt-oss drops its sink column).
 _PASS_THROUGH = (
@@ -57,9 +59,13 @@ def _reaches_matmul(node: fx.Node, depth: int = 8) -> bool:
 
 
 def attention_sites(gm: fx.GraphModule) -> list[fx.Node]:
-    """Softmaxes over the last dim whose output reaches a matmul (through casts, views, slices, dropout)."""
+    """SDPA calls, and softmaxes over the last dim whose output reaches a matmul (through casts,
+    views, slices, dropout)."""
     sites = []
     for node in gm.graph.nodes:
+        if node.op == "call_function" and _packet(node) in _SDPA:
+            sites.append(node)
+            continue
         if node.op != "call_function" or _packet(node) not in _SOFTMAXES:
             continue
         x = node.args[0].meta.get("val")

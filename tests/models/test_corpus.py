@@ -1,6 +1,7 @@
 """The model corpus end to end: every family × case compiled with the backend, against eager.
 
-Each case of ``tests/models/corpus.py`` is compiled with
+Each case of ``tests/models/corpus.py``, with eager attention and as transformers ships it (SDPA),
+is compiled with
 ``FastAttentionBackend({"strict": False, "inner": "eager"}, keep_graphs=True)`` and run once.
 
 * **Per case (must pass):** the outputs equal eager on the valid (non-padding) positions, in fp32
@@ -28,22 +29,27 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.models.corpus import FAMILIES, all_case_ids, build_case, expected_sites, first_case_ids  # noqa: E402
+from tests.models.corpus import (  # noqa: E402
+    ATTENTION_IMPLEMENTATIONS, FAMILIES, SDPA_FAMILIES, all_case_ids, build_case, expected_sites, first_case_ids,
+)
 from tests.models.measure import Measured, measure_fastattention  # noqa: E402
 
 # Fraction of all attention sites fused, measured, rounded down to 2 digits. Raise as it improves.
-MIN_FUSED_FRACTION = 1.0  # full matrix: 194 / 194 sites
-MIN_FUSED_FRACTION_FAST = 1.0  # one case per family: 52 / 52 sites
+MIN_FUSED_FRACTION = 1.0  # full matrix: 218 / 218 sites (eager attention), 188 / 188 (SDPA)
+MIN_FUSED_FRACTION_FAST = 1.0  # one case per family: 52 / 52 sites (eager), 50 / 50 (SDPA)
 
-FAST = first_case_ids()
-SLOW = [c for c in all_case_ids() if c not in FAST]
+# (attn_implementation, family, case): every family with eager attention, and as transformers
+# ships it (SDPA) where it has an SDPA path.
+FAST = [(attn, f, c) for attn in ATTENTION_IMPLEMENTATIONS for f, c in first_case_ids(attn)]
+SLOW = [(attn, f, c) for attn in ATTENTION_IMPLEMENTATIONS for f, c in all_case_ids(attn)
+        if (attn, f, c) not in FAST]
 
 
 @functools.lru_cache(maxsize=None)
-def measured(family: str, case: str) -> Measured:
+def measured(attn: str, family: str, case: str) -> Measured:
     """Each case is compiled once per session; the aggregate tests reuse the per-case runs."""
     torch.manual_seed(0)
-    return measure_fastattention(build_case(family, case))
+    return measure_fastattention(build_case(family, case, attn=attn))
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +59,8 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def check_case(family: str, case: str) -> None:
-    m = measured(family, case)
+def check_case(attn: str, family: str, case: str) -> None:
+    m = measured(attn, family, case)
     keep = m.valid
     assert m.actual.shape == m.expected.shape
     assert torch.isfinite(m.expected[keep]).all(), "eager itself is not finite on the valid positions"
@@ -66,18 +72,18 @@ def check_case(family: str, case: str) -> None:
 
 
 def _ids(cases):
-    return [f"{f}-{c}" for f, c in cases]
+    return [f"{attn}-{f}-{c}" for attn, f, c in cases]
 
 
-@pytest.mark.parametrize("family,case", FAST, ids=_ids(FAST))
-def test_case_matches_eager(family: str, case: str) -> None:
-    check_case(family, case)
+@pytest.mark.parametrize("attn,family,case", FAST, ids=_ids(FAST))
+def test_case_matches_eager(attn: str, family: str, case: str) -> None:
+    check_case(attn, family, case)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,case", SLOW, ids=_ids(SLOW))
-def test_case_matches_eager_full(family: str, case: str) -> None:
-    check_case(family, case)
+@pytest.mark.parametrize("attn,family,case", SLOW, ids=_ids(SLOW))
+def test_case_matches_eager_full(attn: str, family: str, case: str) -> None:
+    check_case(attn, family, case)
 
 
 # Families where no site fuses yet (the reasons: ``python -m benchmarks.coverage``). Their
@@ -87,7 +93,7 @@ NOT_YET_FUSED: dict[str, str] = {}
 
 
 def check_coverage(cases, minimum: float) -> None:
-    results = [measured(f, c) for f, c in cases]
+    results = [measured(*c) for c in cases]
     sites = sum(m.sites for m in results)
     fused = sum(m.fused for m in results)
     by_family: dict[str, int] = {}
@@ -105,22 +111,25 @@ def check_coverage(cases, minimum: float) -> None:
 
 
 _FAMILY_PARAMS = [
-    pytest.param(f, c, marks=pytest.mark.xfail(strict=True, reason=NOT_YET_FUSED[f])) if f in NOT_YET_FUSED else (f, c)
-    for f, c in FAST
+    pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason=NOT_YET_FUSED[c[1]])) if c[1] in NOT_YET_FUSED else c
+    for c in FAST
 ]
 
 
-@pytest.mark.parametrize("family,case", _FAMILY_PARAMS, ids=[f for f, _ in FAST])
-def test_family_fuses_something(family: str, case: str) -> None:
-    m = measured(family, case)
-    assert m.fused > 0, f"{family}-{case}: 0 of {m.sites} sites fused: {m.refused}"
+@pytest.mark.parametrize("attn,family,case", _FAMILY_PARAMS, ids=[f"{a}-{f}" for a, f, _ in FAST])
+def test_family_fuses_something(attn: str, family: str, case: str) -> None:
+    m = measured(attn, family, case)
+    assert m.fused > 0, f"{attn}-{family}-{case}: 0 of {m.sites} sites fused: {m.refused}"
 
 
-def test_fused_fraction_one_case_per_family() -> None:
-    assert {f for f, _ in FAST} == set(FAMILIES)
-    check_coverage(FAST, MIN_FUSED_FRACTION_FAST)
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+def test_fused_fraction_one_case_per_family(attn: str) -> None:
+    fast = [c for c in FAST if c[0] == attn]
+    assert {f for _, f, _ in fast} == (set(FAMILIES) if attn == "eager" else SDPA_FAMILIES)
+    check_coverage(fast, MIN_FUSED_FRACTION_FAST)
 
 
 @pytest.mark.slow
-def test_fused_fraction_full_matrix() -> None:
-    check_coverage(all_case_ids(), MIN_FUSED_FRACTION)
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+def test_fused_fraction_full_matrix(attn: str) -> None:
+    check_coverage([(attn, f, c) for f, c in all_case_ids(attn)], MIN_FUSED_FRACTION)

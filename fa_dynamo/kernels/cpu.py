@@ -3,7 +3,8 @@
 Two-level tiling. The outer tile is a block of ``block_q`` query rows; for it the band gives the
 range of keys any row can see, cut into inner tiles of ``block_k`` keys, each classified by the
 band and the segment ids (``segments.py``) as empty (skipped, never touched), full (no mask at
-all) or partial (a ``block_q × block_k`` mask built from indices and ids). Consecutive full
+all) or partial; a dense mask's tiles are classified at run time too, and skipped where it hides
+them whole (unfilled cache slots behind a data mask) (a ``block_q × block_k`` mask built from indices and ids). Consecutive full
 tiles run as one segment (a run of keys, not a packed sequence); each segment is handed to the
 fastest dense primitive, ATen's CPU flash kernel, which returns its log-sum-exp, and the
 segments of an outer tile are merged exactly through their log-sum-exps (online softmax at
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 
 from fa_dynamo.kernels.alibi import Alibi
-from fa_dynamo.kernels.mask import Band, TileKind
+from fa_dynamo.kernels.mask import Band, TileKind, dense_tile_kind
 from fa_dynamo.kernels.reference import masked_scores, reference_attention, rows_of
 from fa_dynamo.kernels.segments import Segments, SegmentTiles, combine
 
@@ -134,9 +135,11 @@ def _aten_serves(q: torch.Tensor, v: torch.Tensor, softcap: float) -> bool:
     return softcap == 0 and q.dtype != torch.float64 and q.shape[-1] == v.shape[-1]
 
 
-def _runs(band: Band, segment_tiles: Optional[SegmentTiles], q0: int, q1: int, num_keys: int, block_k: int):
+def _runs(band: Band, segment_tiles: Optional[SegmentTiles], mask: Optional[torch.Tensor], q0: int, q1: int,
+          num_keys: int, block_k: int):
     """``(k0, k1, band_partial, segments_partial)`` runs covering the visible keys of rows
-    ``[q0, q1)``: empty tiles dropped, consecutive full tiles joined."""
+    ``[q0, q1)``: empty tiles (by the band, the segment ids or, read at run time, a dense mask)
+    dropped, consecutive full tiles joined."""
     k_lo, k_hi = band.key_range(q0, q1, num_keys)
     runs: list[list] = []
     for t0 in range(k_lo, k_hi, block_k):
@@ -144,6 +147,8 @@ def _runs(band: Band, segment_tiles: Optional[SegmentTiles], q0: int, q1: int, n
         band_kind = band.classify(q0, q1, t0, t1)
         seg_kind = TileKind.FULL if segment_tiles is None else segment_tiles.classify(q0, q1, t0, t1)
         kind = combine(band_kind, seg_kind)
+        if kind is not TileKind.EMPTY and dense_tile_kind(mask, q0, q1, t0, t1) is TileKind.EMPTY:
+            continue  # the dense mask is still applied to the tiles that are kept
         if kind is TileKind.EMPTY:
             continue
         flags = [band_kind is TileKind.PARTIAL, seg_kind is TileKind.PARTIAL]
@@ -193,7 +198,7 @@ def attention_cpu(
     for q0 in range(0, num_q, block_q):
         q1 = min(q0 + block_q, num_q)
         acc, acc_lse = None, None
-        for k0, k1, band_partial, segments_partial in _runs(band, segment_tiles, q0, q1, num_k, block_k):
+        for k0, k1, band_partial, segments_partial in _runs(band, segment_tiles, mask, q0, q1, num_k, block_k):
             segment_out = problem.segment(q0, q1, k0, k1, band_partial, segments_partial)
             acc, acc_lse = _merge(acc, acc_lse, *segment_out)
         if acc is None:

@@ -68,3 +68,16 @@ class Band:
         if self.max_offset is not None:
             out |= diff > self.max_offset
         return out
+
+
+def dense_tile_kind(mask: Optional[torch.Tensor], q0: int, q1: int, k0: int, k1: int) -> TileKind:
+    """A dense bool mask's tile (True = hidden), classified at run time: EMPTY when it hides the
+    tile for every batch and head (unfilled cache slots, other sequences), so the tile is skipped,
+    FULL when it hides nothing there. One reduction over the tile's mask bytes."""
+    if mask is None:
+        return TileKind.FULL
+    rows = mask if mask.shape[-2] == 1 else mask[..., q0:q1, :]
+    tile = rows if rows.shape[-1] == 1 else rows[..., k0:k1]
+    if bool(tile.all()):
+        return TileKind.EMPTY
+    return TileKind.PARTIAL if bool(tile.any()) else TileKind.FULL

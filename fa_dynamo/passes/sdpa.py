@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.passes.matching import aten, insert_with_val, is_op, python_scalar, shape, val
 
@@ -135,8 +136,27 @@ def expand_sdpa(node: fx.Node) -> tuple[Optional[SdpaExpansion], str]:
     out = emit(aten.matmul.default, p, v_node)
     if tuple(shape(out)) != tuple(val(result).shape):
         return None, f"SDPA's written-out form has shape {tuple(shape(out))}, the call {tuple(val(result).shape)}"
+    out = _in_layout_of(emit, out, val(result))
+    if out is None:
+        return None, f"SDPA's output has strides {val(result).stride()} that a permutation does not give"
     result.replace_all_uses_with(out)
     return SdpaExpansion(node, result, out, p if not is_op(p, aten.dropout) else p.args[0]), ""
+
+
+def _in_layout_of(emit, out: fx.Node, like: torch.Tensor) -> Optional[fx.Node]:
+    """``out`` with the strides of SDPA's output, which follow the query's layout (``[B, S, H, D]``
+    in memory when q is a transposed projection): code after the call may ``view`` it as such."""
+    if like.is_contiguous():
+        return out
+    try:
+        order = list(like.dim_order())
+    except RuntimeError:  # strides no permutation of a contiguous tensor gives
+        return None
+    inverse = [order.index(d) for d in range(len(order))]
+    dense = emit(aten.clone.default, emit(aten.permute.default, out, order), memory_format=torch.contiguous_format)
+    out = emit(aten.permute.default, dense, inverse)
+    same = all(statically_known_true(a == b) for a, b in zip(val(out).stride(), like.stride()))
+    return out if same else None
 
 
 def _size(emit, node: fx.Node, dim: int) -> Any:

@@ -141,7 +141,7 @@ def test_gradients_match_float64(masks):
                               min_offset=kw.get("lo"), max_offset=kw.get("hi"), block_q=16)
     grad = torch.randn_like(out)
     out.backward(grad)
-    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref_bias = bias.detach().double().requires_grad_() if bias is not None else None
     ref_kw = {**kw, **({"bias": ref_bias} if bias is not None else {})}
     eager_attention(*ref_leaves, scale=0.3, **ref_kw).backward(grad.double())
@@ -163,6 +163,30 @@ def test_opcheck():
         (q.requires_grad_(), k.requires_grad_(), v, bias, None, 0.3, 2.0, float("-inf"), None, 4, "reference", 8, 8),
     ]:
         torch.library.opcheck(torch.ops.fa_dynamo.attention.default, args)
+    hidden = kw["mask"] | (torch.arange(19) == 5)[:, None]  # row 5 sees no key: 0 and no gradient with the switch
+    torch.library.opcheck(torch.ops.fa_dynamo.attention.default,
+                          (q, k, v.requires_grad_(), None, hidden, 0.3, 0.0, float("-inf"), None, None, "cpu", 8, 8),
+                          {"zero_empty_rows": True})
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "reference", "sdpa", "triton"])
+def test_zero_empty_rows_is_safe_softmax(kernel):
+    """``zero_empty_rows``: eager ``_safe_softmax`` attention, forward and backward (float64 reference)."""
+    q, k, v, kw = _case((2, 4, 2, 19, 23, 8, 8), masks="causal+mask")
+    hidden = kw["mask"] | (torch.arange(19) == 5)[:, None]
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    out = fa_dynamo.attention(*leaves, mask=hidden, scale=0.3, kernel=kernel, block_q=8, block_k=8, zero_empty_rows=True)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    qd, kd, vd = ref_leaves
+    s = (qd @ kd.repeat_interleave(2, 1).transpose(-1, -2) * 0.3).masked_fill(hidden, float("-inf"))
+    expected = torch.ops.aten._safe_softmax(s, -1) @ vd.repeat_interleave(2, 1)
+    assert (out[:, :, 5] == 0).all() and not out.isnan().any()
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.double())
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -191,8 +191,10 @@ def _attention_op(
         scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset),
         block_q=block_q, block_k=block_k, segments=Segments.of(q_segments, k_segments), alibi=Alibi.of(alibi_slopes),
     )
-    if zero_empty_rows:  # every kernel gives NaN and lse = -inf there; SDPA's semantics give 0
-        out = out.masked_fill(torch.isneginf(lse).unsqueeze(-1), 0)
+    if zero_empty_rows:  # kernels give NaN and lse = -inf for a row that sees no key; SDPA gives 0
+        # (a finite row can have lse = -inf too: float64 scores at finfo.min overflow logsumexp)
+        empty = torch.isneginf(lse) & out.isnan().any(-1)
+        out = out.masked_fill(empty.unsqueeze(-1), 0)
     return out.contiguous(), lse.contiguous()  # the layout the fake implementation promises
 
 

@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
 from fa_dynamo.passes.mask_segments import SegmentIds, lift_segments
-from fa_dynamo.passes.matching import aten, dtype, is_op, normalize_dim, python_scalar, shape
+from fa_dynamo.passes.matching import aten, dtype, is_op, normalize_dim, python_scalar, shape, val
 
 
 def _canonical_batch(site: Site) -> tuple:
@@ -181,7 +181,9 @@ def _undo_repeat_kv(op: Operand, batch: tuple, mutated: frozenset) -> Optional[f
     node = op.node
     if is_op(node, aten.repeat_interleave) and len(node.args) >= 3 and node.args[2] in (1, -3):
         src = node.args[0]
-        return src if isinstance(node.args[1], int) and len(shape(src)) == 4 and src not in mutated else None
+        repeats = node.args[1]
+        whole = isinstance(repeats, int) or isinstance(val(repeats), torch.SymInt)  # not a tensor of counts
+        return src if whole and len(shape(src)) == 4 and src not in mutated else None
     if not is_op(node, aten.reshape, aten.view, aten._unsafe_view):
         return None
     expand = node.args[0]

@@ -9,7 +9,8 @@ defines it::
     s = (q @ kᵀ) * scale                                    scale=None: 1/√E
     s = s + attn_mask                                       a float mask
     s = s.masked_fill(~attn_mask, -inf)                     a bool mask (True = attend)
-    s = s.masked_fill(~ones(L, S).tril(), -inf)             is_causal (top-left, also with a mask)
+    s = s.masked_fill(~ones(L, S).tril(), -inf)             is_causal (top-left; with a mask too,
+                                                            where eager's CPU flash kernel serves it)
     p = _safe_softmax(s, -1)                                a row with no visible key gives 0
     p = dropout(p, dropout_p, train=True)                   dropout_p > 0
     out = p @ v
@@ -106,6 +107,9 @@ def expand_sdpa(node: fx.Node) -> tuple[Optional[SdpaExpansion], str]:
     mask = val(a.mask)
     if mask is not None and not (mask.dtype == torch.bool or mask.dtype == q.dtype):
         return None, f"SDPA with a {mask.dtype} attn_mask for {q.dtype} queries (eager SDPA rejects it)"
+    if a.is_causal and mask is not None and not _flash_cpu_serves(q, k, v, mask):
+        return None, ("SDPA with both attn_mask and is_causal, which only ATen's CPU flash kernel accepts (it "
+                      "applies both) and these inputs do not reach it: the call is left to SDPA")
     if a.enable_gqa and (q.dim() < 3 or k.shape[-3] == 0 or q.shape[-3] % k.shape[-3] != 0):
         return None, "SDPA with enable_gqa and query heads that are not a multiple of the key/value heads"
 
@@ -117,13 +121,18 @@ def expand_sdpa(node: fx.Node) -> tuple[Optional[SdpaExpansion], str]:
     k_node, v_node = a.k, a.v
     if a.enable_gqa and q.shape[-3] != k.shape[-3]:
         groups = q.shape[-3] // k.shape[-3]
+        if not isinstance(groups, int):  # symbolic head counts (dynamic=True)
+            groups = emit(operator.floordiv, _size(emit, a.q, -3), _size(emit, a.k, -3))
         k_node = emit(aten.repeat_interleave.self_int, k_node, groups, -3)
         v_node = emit(aten.repeat_interleave.self_int, v_node, groups, -3)
     s = emit(aten.matmul.default, a.q, emit(aten.transpose.int, k_node, -2, -1))
     scale = a.scale if a.scale is not None else _default_scale(emit, a.q, q)
     s = emit(aten.mul.Tensor, s, scale)
     if mask is not None and mask.dtype != torch.bool:
-        s = emit(aten.add.Tensor, s, a.mask)
+        float_mask = a.mask
+        if (cast := _autocast_dtype(node, q.device.type)) is not None:  # SDPA casts its mask under autocast too
+            float_mask = emit(aten._to_copy.default, float_mask, dtype=cast)
+        s = emit(aten.add.Tensor, s, float_mask)
     if mask is not None and mask.dtype == torch.bool:
         s = emit(aten.masked_fill.Scalar, s, emit(aten.logical_not.default, a.mask), float("-inf"))
     if a.is_causal:
@@ -141,6 +150,35 @@ def expand_sdpa(node: fx.Node) -> tuple[Optional[SdpaExpansion], str]:
         return None, f"SDPA's output has strides {val(result).stride()} that a permutation does not give"
     result.replace_all_uses_with(out)
     return SdpaExpansion(node, result, out, p if not is_op(p, aten.dropout) else p.args[0]), ""
+
+
+def _autocast_dtype(node: fx.Node, device_type: str) -> Optional[torch.dtype]:
+    """The dtype an autocast region around ``node`` casts SDPA's arguments to (None outside one):
+    the innermost ``_enter_autocast`` for the operands' device that is not yet exited."""
+    regions = []
+    for n in node.graph.nodes:
+        if n is node:
+            break
+        name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+        if name == "_enter_autocast":
+            regions.append(n)
+        elif name == "_exit_autocast" and n.args[0] in regions:
+            regions.remove(n.args[0])
+    for region in reversed(regions):
+        device, dtype, enabled = region.args[:3]
+        if device == device_type:
+            return (dtype or torch.get_autocast_dtype(device)) if enabled else None
+    return None
+
+
+def _flash_cpu_serves(q, k, v, mask) -> bool:
+    """Whether eager SDPA runs these CPU inputs in its flash kernel (the conditions of
+    ``use_flash_attention_cpp``), which alone accepts a mask with ``is_causal``: 4-D operands with
+    unit last-dim strides, one head dim for q, k and v, no empty sequence."""
+    tensors = (q, k, v, mask)
+    return (all(t.device.type == "cpu" for t in tensors) and all(t.dim() == 4 for t in (q, k, v))
+            and q.shape[-1] == k.shape[-1] == v.shape[-1] and all(t.stride(-1) == 1 for t in (q, k, v))
+            and q.shape[-2] != 0 and k.shape[-2] != 0)
 
 
 def _in_layout_of(emit, out: fx.Node, like: torch.Tensor) -> Optional[fx.Node]:

@@ -7,9 +7,9 @@ The property (``tests.fuzz.harness.check``), for every generated program:
   tolerances (or no further from a float64 run than 2x eager's own error);
 * gradients too, for programs that ask for them (``GRAD = True``);
 * a program that is attention uses the op (``fused >= 1``), under ``torch.autocast`` too (with
-  eager's dtypes), hand-written max/exp/sum softmaxes included. One exception
-  (``EXPECT_FUSED = False``): ``aten._safe_softmax``, which gives 0 where the op gives NaN (rows
-  with no visible key).
+  eager's dtypes), hand-written max/exp/sum softmaxes and ``aten._safe_softmax`` included;
+* SDPA programs (``tests.fuzz.sdpa_programs``) likewise: every one is attention and must fuse,
+  with SDPA's 0 for rows that see no key.
 
 On failure hypothesis prints the shrunk program's source. Every failure found goes into
 ``tests/fuzz/regressions.py``, replayed here by a plain parametrized test.
@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, Phase, event, given, note, settings
 
 from tests.fuzz import harness
 from tests.fuzz.programs import Program, programs
+from tests.fuzz.sdpa_programs import sdpa_programs
 from tests.fuzz.regressions import REGRESSIONS
 
 # The CI profile runs 40 examples per test; programs are cheap (~0.3 s each), so this test runs
@@ -35,6 +36,7 @@ from tests.fuzz.regressions import REGRESSIONS
 EXAMPLES = max(settings.default.max_examples, 150)
 # Shrinking recompiles the program hundreds of times (minutes): not in CI, where the failing
 # program is printed as generated (already small); every other profile shrinks.
+SDPA_EXAMPLES = max(settings.default.max_examples, 60)  # ~1 s each (several compile twice: dynamic shapes)
 PHASES = tuple(p for p in Phase if p is not Phase.shrink or os.environ.get("HYPOTHESIS_PROFILE", "ci") != "ci")
 
 
@@ -47,6 +49,15 @@ def test_compiled_equals_eager(program: Program):
     event(f"{family}: {'fused' if outcome.fused else 'not fused'}")
     for _, why in outcome.refused:
         event(f"{family} refused: {_generic(why)}")
+
+
+@settings(max_examples=SDPA_EXAMPLES, phases=PHASES,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(program=sdpa_programs())
+def test_sdpa_compiled_equals_eager(program: Program):
+    note(program.source)
+    outcome = harness.check(program.source)
+    event(f"sdpa: {'fused' if outcome.fused else 'not fused'}")
 
 
 def _generic(reason: str) -> str:

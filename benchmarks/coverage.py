@@ -1,19 +1,22 @@
 """Attention coverage on the model corpus: fa_dynamo against Inductor's ``fuse_attention``.
 
-    python -m benchmarks.coverage                         # every family × case, 12-30 min on 2 cores
+    python -m benchmarks.coverage                         # every family × case, both attentions, 25-60 min
     python -m benchmarks.coverage --families llama,bloom  # a subset
-    python -m benchmarks.coverage --no-inductor           # fa_dynamo only, 3-5 minutes
+    python -m benchmarks.coverage --attn sdpa             # the models as transformers ships them only
+    python -m benchmarks.coverage --no-inductor           # fa_dynamo only, 6-10 minutes
 
-For every case of ``tests/models/corpus.py`` (tiny transformers models, random weights, eager
-attention, fp32, under ``torch.no_grad()``):
+For every case of ``tests/models/corpus.py`` (tiny transformers models, random weights, fp32,
+under ``torch.no_grad()``), built with ``attn_implementation="eager"`` (hand-written attention)
+and ``"sdpa"`` (transformers' default: SDPA calls fed with the masks ``masking_utils`` builds):
 
-* **sites**: softmaxes over the last dim whose probabilities reach a matmul, counted in the
-  pre-dispatch ATen graphs the attention pass sees, before it rewrites them;
+* **sites**: SDPA calls, and softmaxes over the last dim whose probabilities reach a matmul,
+  counted in the pre-dispatch ATen graphs the attention pass sees, before it rewrites them;
 * **fa_dynamo**: ``fa_dynamo.attention`` calls after the pass, compiled with
   ``FastAttentionBackend({"strict": False, "inner": "eager"}, keep_graphs=True)``;
 * **Inductor**: ``torch._dynamo.utils.counters["inductor"]["fuse_attention"]`` after a default
   ``torch.compile(model)`` of the same case (counters cleared first; AOTAutograd's cache off so
-  its joint-graph passes, and with them the counter, always run);
+  its joint-graph passes, and with them the counter, always run). On SDPA models each site
+  already is an SDPA call, which Inductor keeps as it is, with the mask transformers built;
 * **max |Δ|**: the largest absolute difference to eager on the valid (non-padding) positions;
 * **masks of fused sites**: what reached the op: ``band`` (a mask lifted to ``lo ≤ j − i ≤ hi``,
   never materialized), ``mask[keys]``/``bias[keys]`` (one row per batch/head, e.g. key padding),
@@ -40,7 +43,7 @@ from typing import Optional
 import torch
 
 from benchmarks.timing import CpuLoad, describe_machine, machine_info
-from tests.models.corpus import FAMILIES, all_case_ids, build_case, build_model
+from tests.models.corpus import ATTENTION_IMPLEMENTATIONS, FAMILIES, all_case_ids, build_case, build_model
 from tests.models.measure import ATTENTION_OP, Measured, eager_output, measure_fastattention, measure_inductor
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,12 +95,13 @@ def fused_operands(after: torch.fx.GraphModule) -> Counter:
 # --- running -----------------------------------------------------------------------------------
 
 
-def run_case(family: str, case_name: str, model, inductor: bool) -> tuple[dict, Measured]:
+def run_case(family: str, case_name: str, model, inductor: bool, attn: str = "eager") -> tuple[dict, Measured]:
     case = build_case(family, case_name, model=model)
     expected = eager_output(case)
     t0 = time.perf_counter()
     m = measure_fastattention(case, expected=expected)
     row = {
+        "attn": attn,
         "family": family,
         "case": case_name,
         "sites": m.sites,
@@ -169,9 +173,19 @@ def totals(rows: list[dict]) -> dict:
 
 
 def markdown(report: dict) -> str:
-    rows, tot = report["rows"], report["totals"]
-    has_ind = tot["inductor_fused"] is not None
-    out = [
+    out = _header(report)
+    for attn, tot in report["totals"].items():
+        out += _section(attn, [r for r in report["rows"] if r["attn"] == attn], tot,
+                        [s for s in report["snippets"] if s.get("attn", "eager") == attn])
+    return "\n".join(out) + "\n"
+
+
+_ATTN_TITLES = {"eager": "Models with eager attention (`attn_implementation=\"eager\"`)",
+                "sdpa": "Models as transformers ships them (`attn_implementation=\"sdpa\"`: SDPA calls)"}
+
+
+def _header(report: dict) -> list:
+    return [
         "# fa_dynamo attention coverage — model corpus",
         "",
         f"- **Machine**: {report['machine_line']}",
@@ -184,16 +198,26 @@ def markdown(report: dict) -> str:
         f"{report['load']['other_processes_cores_avg'] or 0:.2f} cores busy on average",
         "",
         "Tiny transformers models (2 layers, hidden 64, 4 heads, vocabulary 128, random weights with "
-        "init std 0.2, eager attention, no dropout), fp32, batch 2, 37 tokens (row 1 of the batch padded "
-        "by 7 in the padded cases), `torch.no_grad()`. Built by `tests/models/corpus.py`; the same cases "
+        "init std 0.2, no dropout), fp32, batch 2, 37 tokens (row 1 of the batch padded "
+        "by 7 in the padded cases), `torch.no_grad()`, built with eager attention and, where transformers "
+        "has it, as shipped (SDPA). Built by `tests/models/corpus.py`; the same cases "
         "are asserted by `tests/models/test_corpus.py`.",
         "",
-        "**Sites**: softmaxes over the last dim feeding a matmul in the pre-dispatch ATen graphs before the "
-        "pass. **fa_dynamo**: `fa_dynamo.attention` calls after it. **Inductor**: its "
-        "`counters[\"inductor\"][\"fuse_attention\"]` after a default `torch.compile` of the same case. "
-        "**max |Δ|**: against eager on the valid positions. **masks**: what reached the op per fused site "
-        "(`band`: lifted, never materialized; `[keys]`: one row per batch/head, e.g. key padding; `[S×S]`: "
-        "a dense query × key tensor).",
+        "**Sites**: SDPA calls, and softmaxes over the last dim feeding a matmul, in the pre-dispatch ATen "
+        "graphs before the pass. **fa_dynamo**: `fa_dynamo.attention` calls after it. **Inductor**: its "
+        "`counters[\"inductor\"][\"fuse_attention\"]` after a default `torch.compile` of the same case "
+        "(on SDPA models every site already is an SDPA call: Inductor keeps it, with the mask transformers "
+        "built). **max |Δ|**: against the uncompiled model on the valid positions. **masks**: what reached "
+        "the op per fused site (`band`: lifted, never materialized; `[keys]`: one row per batch/head, e.g. "
+        "key padding; `[S×S]`: a dense query × key tensor).",
+    ]
+
+
+def _section(attn: str, rows: list, tot: dict, snippets: list) -> list:
+    has_ind = tot["inductor_fused"] is not None
+    out = [
+        "",
+        f"# {_ATTN_TITLES[attn]}",
         "",
         "## Totals",
         "",
@@ -264,7 +288,7 @@ def markdown(report: dict) -> str:
         out += ["", "## Pass errors (graph left unfused)", ""] + [f"- {f}-{c}: {e}" for f, c, e in errors]
     if inductor_errors:
         out += ["", "## Inductor errors", ""] + [f"- {f}-{c}: {e}" for f, c, e in inductor_errors]
-    if report["snippets"]:
+    if snippets:
         out += [
             "",
             "## Refused sites: the graph before the pass",
@@ -272,16 +296,18 @@ def markdown(report: dict) -> str:
             "One site per reason and family: the pre-dispatch ATen nodes the softmax depends on, back to the "
             "Q·Kᵀ matmul (its inputs not followed), mask-building nodes included.",
         ]
-        for s in report["snippets"]:
+        for s in snippets:
             out += ["", f"### {s['family']}-{s['case']}: {s['where']}", "", f"Reason: {s['why']}", ""]
             out += ["```", s["graph"], "```"]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", help="comma-separated families (default: all)")
     parser.add_argument("--no-inductor", action="store_true", help="skip the Inductor peer")
+    parser.add_argument("--attn", choices=("both", *ATTENTION_IMPLEMENTATIONS), default="both",
+                        help="transformers' attn_implementation of the models (default: both)")
     parser.add_argument("--out", type=Path, default=RESULTS / "coverage", help="output path without extension")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -290,28 +316,28 @@ def main(argv: Optional[list[str]] = None) -> None:
     if unknown:
         parser.error(f"unknown families {sorted(unknown)}; the corpus has {sorted(FAMILIES)}")
 
+    attns = ATTENTION_IMPLEMENTATIONS if args.attn == "both" else (args.attn,)
     rows, snippets = [], []
     seen_reasons: set = set()
     with CpuLoad() as load:
-        for family in families:
-            model = build_model(family)
-            for fam, case_name in all_case_ids():
-                if fam != family:
-                    continue
-                row, m = run_case(family, case_name, model, inductor=not args.no_inductor)
-                rows.append(row)
-                for where, why in m.refused:
-                    if (family, why) not in seen_reasons and where in m.snippets:
-                        seen_reasons.add((family, why))
-                        snippets.append(
-                            {"family": family, "case": case_name, "where": where, "why": why, "graph": m.snippets[where]}
-                        )
-                ind = f" inductor {row.get('inductor_fused')}" if not args.no_inductor else ""
-                print(
-                    f"{family}-{case_name}: sites {row['sites']} fused {row['fa_fused']}{ind} "
-                    f"max|Δ| {row['fa_max_diff']:.1e}" + ("" if row["equal_to_eager"] else "  ≠ EAGER"),
-                    file=sys.stderr, flush=True,
-                )
+        for attn in attns:
+            for family in families:
+                cases = [c for f, c in all_case_ids(attn) if f == family]
+                model = build_model(family, attn=attn) if cases else None
+                for case_name in cases:
+                    row, m = run_case(family, case_name, model, inductor=not args.no_inductor, attn=attn)
+                    rows.append(row)
+                    for where, why in m.refused:
+                        if (attn, family, why) not in seen_reasons and where in m.snippets:
+                            seen_reasons.add((attn, family, why))
+                            snippets.append({"attn": attn, "family": family, "case": case_name, "where": where,
+                                             "why": why, "graph": m.snippets[where]})
+                    ind = f" inductor {row.get('inductor_fused')}" if not args.no_inductor else ""
+                    print(
+                        f"{attn} {family}-{case_name}: sites {row['sites']} fused {row['fa_fused']}{ind} "
+                        f"max|Δ| {row['fa_max_diff']:.1e}" + ("" if row["equal_to_eager"] else "  ≠ EAGER"),
+                        file=sys.stderr, flush=True,
+                    )
     info = machine_info()
     report = {
         "machine": info,
@@ -319,19 +345,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         "command": ("python -m benchmarks.coverage " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip(),
         "git": git_state(),
         "load": load.as_dict(),
-        "totals": totals(rows),
+        "totals": {attn: totals([r for r in rows if r["attn"] == attn]) for attn in attns},
         "rows": rows,
         "snippets": snippets,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
-    tot = report["totals"]
-    line = f"fa_dynamo fused {tot['fa_fused']}/{tot['sites']} ({_pct(tot['fa_fused'], tot['sites'])})"
-    if tot["inductor_fused"] is not None:
-        ind = _pct(tot["inductor_fused"], tot["inductor_sites"])
-        line += f", Inductor {tot['inductor_fused']}/{tot['inductor_sites']} ({ind})"
-    print(f"{line}; {tot['cases_equal_to_eager']}/{tot['cases']} cases equal to eager → {args.out}.md", flush=True)
+    for attn, tot in report["totals"].items():
+        line = f"{attn}: fa_dynamo fused {tot['fa_fused']}/{tot['sites']} ({_pct(tot['fa_fused'], tot['sites'])})"
+        if tot["inductor_fused"] is not None:
+            ind = _pct(tot["inductor_fused"], tot["inductor_sites"])
+            line += f", Inductor {tot['inductor_fused']}/{tot['inductor_sites']} ({ind})"
+        print(f"{line}; {tot['cases_equal_to_eager']}/{tot['cases']} cases equal to eager → {args.out}.md", flush=True)
 
 
 if __name__ == "__main__":

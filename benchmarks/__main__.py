@@ -30,6 +30,8 @@ SUITES = {
                  "GPU only; --smoke ~30 s on CPU"),
     "coverage": Suite("benchmarks.coverage", "which attention sites fuse on the transformers corpus",
                       "12-30 min (--no-inductor 3-5 min)"),
+    "sdpa": Suite("benchmarks.bench_sdpa_models", "transformers models as shipped (SDPA): uncompiled vs Inductor vs "
+                  "fastattention, prefill time and memory", "~15 min (--quick ~3 min, --smoke ~20 s)"),
     "allreduce": Suite("benchmarks.bench_allreduce", "tiling all_reduce on 2 gloo ranks", "~5 min (--quick < 1 min)"),
 }
 USAGE = "usage: python -m benchmarks {" + "|".join(SUITES) + "|all} [suite args]   |   python -m benchmarks --list"

@@ -28,7 +28,7 @@ from fa_dynamo.normalize import has_tensor_subclass, to_pre_dispatch_aten, undo_
 from fa_dynamo.passes.base import PassReport
 from fa_dynamo.passes.manager import run_passes
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs: list, config: FastAttentionConfig) -> Callable:
@@ -59,7 +59,7 @@ class FastAttentionBackend:
         config = self.config
         configure_logging(config.log)
         if config.disable:
-            log.info("fa_dynamo: disabled (FA_DYNAMO_DISABLE=1); graph passed to %s untouched", config.inner)
+            log.info("disabled (FA_DYNAMO_DISABLE=1); graph passed to %s untouched", config.inner)
             return inner_compile(gm, example_inputs, config)
         if has_tensor_subclass(gm):
             return self._compile_desugared(gm, example_inputs)
@@ -68,7 +68,7 @@ class FastAttentionBackend:
         except Exception as e:
             if config.strict:
                 raise
-            log.warning("fa_dynamo: could not normalize the graph (%s: %s); compiling it unfused", type(e).__name__, e)
+            log.warning("could not normalize the graph (%s: %s); compiling it unfused", type(e).__name__, e)
             return inner_compile(gm, example_inputs, config)
         if not self._rewrite(aten_gm):
             return inner_compile(gm, example_inputs, config)
@@ -101,7 +101,7 @@ class FastAttentionBackend:
         def backward_compiler(aot_gm: fx.GraphModule, inputs: list) -> Callable:
             return _inner_compile_aten(aot_gm, inputs, self.config)
 
-        log.debug("fa_dynamo: tensor-subclass graph; running the passes on aot_autograd's forward graph")
+        log.debug("tensor-subclass graph; running the passes on aot_autograd's forward graph")
         return aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler,
                             keep_inference_input_mutations=True)(gm, example_inputs)
 

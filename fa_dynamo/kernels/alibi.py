@@ -10,13 +10,13 @@ bias through ``alibi_as_bias``, the one fallback, said once in the log.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import NamedTuple, Optional
 
 import torch
+from fa_dynamo.logs import warn_once
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 
 class Alibi(NamedTuple):
@@ -38,9 +38,6 @@ class Alibi(NamedTuple):
         return self.scores(torch.arange(q0, q1, device=device), torch.arange(k0, k1, device=device), dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-    log.warning(message)
 
 
 def alibi_as_bias(bias: Optional[torch.Tensor], alibi: Optional[Alibi], num_q: int, num_k: int,
@@ -52,7 +49,7 @@ def alibi_as_bias(bias: Optional[torch.Tensor], alibi: Optional[Alibi], num_q: i
     """
     if alibi is None:
         return bias
-    _say_once(f"fa_dynamo: the {kernel} kernel has no structural ALiBi; materializing it as a dense "
+    warn_once(log, f"the {kernel} kernel has no structural ALiBi; materializing it as a dense "
               "[B, H, Sq, Sk] bias")
     dense = alibi.tile(0, num_q, 0, num_k, torch.float32)
     return dense if bias is None else bias.float() + dense

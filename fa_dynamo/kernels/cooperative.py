@@ -549,7 +549,7 @@ def _host_cooperation(q, host: Optional[_Share], device: Optional[_Share], bias,
             out, lse = future.result()
         except Exception as e:
             raise RuntimeError(
-                f"fa_dynamo: cooperative attention: the host share (keys {host.k0}..{host.k0 + host.num_keys}) "
+                f"cooperative attention: the host share (keys {host.k0}..{host.k0 + host.num_keys}) "
                 f"failed on the worker thread: {type(e).__name__}: {e}"
             ) from e
         parts.append((out.to(q.device), lse.to(q.device)))

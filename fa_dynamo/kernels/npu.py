@@ -43,13 +43,14 @@ from typing import Optional
 
 import torch
 
+from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.cpu import _recompute_unserved_rows, attention_cpu
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.alibi import Alibi, alibi_as_bias
 from fa_dynamo.kernels.segments import Segments, segments_as_mask
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 INT_MAX = 2147483647  # torch_npu's "no limit" for pre/next tokens
 COMPRESSED_MASK = 2048  # side of torch_npu's compressed causal mask (sparse modes 2, 3, 4)
@@ -117,9 +118,6 @@ def _torch_npu():
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-    log.warning(message)
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float) -> Optional[str]:
@@ -242,7 +240,7 @@ def attention_npu(
     reason = unsupported_reason(q, k, v, softcap)
     if reason is not None:
         on_cpu = q.device.type == "cpu"
-        _say_once(f"fa_dynamo: {reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
+        warn_once(log, f"{reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
         kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, segments=segments, alibi=alibi)
         if on_cpu:
             return attention_cpu(q, k, v, bias, mask, block_q=block_q, block_k=block_k, **kw)

@@ -7,12 +7,12 @@ and ``_run_kernel``, the one place that dispatches by kernel choice and device.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Optional
 
 import torch
 
+from fa_dynamo.logs import warn_once
 from fa_dynamo.config import KERNELS
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.backward import attention_backward
@@ -21,7 +21,7 @@ from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.segments import Segments
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -236,9 +236,6 @@ def _backward(ctx, grad_out, _grad_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-    log.warning(message)
 
 
 def _wants_triton(kernel: str, q) -> bool:
@@ -250,7 +247,7 @@ def _triton_entry(name: str):
     try:
         from fa_dynamo.kernels import triton_attention, triton_backward
     except ImportError as e:
-        _say_once(f"fa_dynamo: the triton kernel needs triton ({e}); using another kernel instead")
+        warn_once(log, f"the triton kernel needs triton ({e}); using another kernel instead")
         return None
     return getattr(triton_backward if name == "attention_triton_backward" else triton_attention, name)
 
@@ -271,7 +268,7 @@ def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, t
             if result is not None:
                 return result
         else:
-            _say_once("fa_dynamo: the xformers kernel serves CUDA tensors only; using another kernel instead")
+            warn_once(log, "the xformers kernel serves CUDA tensors only; using another kernel instead")
         kernel = "auto"
     if kernel == "npu" or (kernel == "auto" and q.device.type == "npu"):
         if q.device.type == "npu":
@@ -279,14 +276,14 @@ def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, t
 
             return attention_npu(q, k, v, bias, mask, **kw)  # falls back itself without torch_npu
         fallback = "cpu" if on_cpu else "reference"
-        _say_once(f"fa_dynamo: the npu kernel serves npu tensors; using the {fallback} kernel instead")
+        warn_once(log, f"the npu kernel serves npu tensors; using the {fallback} kernel instead")
         kernel = "auto"
     if kernel == "auto":
         if not on_cpu:
-            _say_once(f"fa_dynamo: no tiled kernel for {q.device.type} tensors yet; using the reference kernel")
+            warn_once(log, f"no tiled kernel for {q.device.type} tensors yet; using the reference kernel")
         kernel = "cpu" if on_cpu else "reference"
     if kernel in ("cpu", "sdpa") and not on_cpu:
-        _say_once(f"fa_dynamo: the {kernel} kernel serves CPU tensors only; using the reference kernel on {q.device.type}")
+        warn_once(log, f"the {kernel} kernel serves CPU tensors only; using the reference kernel on {q.device.type}")
         kernel = "reference"
     if kernel == "reference":
         reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments", "alibi")}

@@ -11,15 +11,15 @@ not overlap. Kernels without native support turn them into a dense boolean mask 
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import NamedTuple, Optional
 
 import torch
 
+from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.mask import TileKind
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 
 class Segments(NamedTuple):
@@ -94,9 +94,6 @@ class SegmentTiles:
         return TileKind.EMPTY if empty else TileKind.FULL if full else TileKind.PARTIAL
 
 
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-    log.warning(message)
 
 
 def segments_as_mask(mask: Optional[torch.Tensor], segments: Optional[Segments], kernel: str) -> Optional[torch.Tensor]:
@@ -107,7 +104,7 @@ def segments_as_mask(mask: Optional[torch.Tensor], segments: Optional[Segments],
     """
     if segments is None:
         return mask
-    _say_once(f"fa_dynamo: the {kernel} kernel has no segment (packed/chunked) masks; "
+    warn_once(log, f"the {kernel} kernel has no segment (packed/chunked) masks; "
               "materializing them as a dense [B, 1, Sq, Sk] mask")
     hidden = segments.hidden()
     return hidden if mask is None else mask | hidden

@@ -45,6 +45,7 @@ try:
 except ImportError:  # pragma: no cover
     _RESOURCE_ERRORS = (OutOfResources,)
 
+from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels import triton_configs as tc
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.cpu import _recompute_unserved_rows, attention_cpu
@@ -52,7 +53,7 @@ from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.segments import Segments
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 # Triton decides at decoration time whether @triton.jit functions are interpreted.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -298,9 +299,6 @@ def _attn_fwd(
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-    log.warning(message)
 
 
 def _arch(device: torch.device) -> Optional[tc.Arch]:
@@ -325,7 +323,7 @@ def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
 
 def _fallback(q, k, v, bias, mask, reason, **kw):
     on_cpu = q.device.type == "cpu"
-    _say_once(f"fa_dynamo: {reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
+    warn_once(log, f"{reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
     if on_cpu:
         return attention_cpu(q, k, v, bias, mask, **kw)
     reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments", "alibi")}

@@ -15,12 +15,14 @@ traces.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.backward import attention_backward
 from fa_dynamo.kernels.cpu import unserved_rows
@@ -38,7 +40,6 @@ from fa_dynamo.kernels.triton_attention import (
     _dense_args,
     _dot,
     _launch,
-    _say_once,
     _segment_args,
     _seq_class,
     _tanh,
@@ -46,6 +47,8 @@ from fa_dynamo.kernels.triton_attention import (
     attention_triton,
     unsupported_reason,
 )
+
+log = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -360,7 +363,7 @@ def attention_triton_backward(
     """
     kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, segments=segments, alibi=alibi)
     if needs_bias_grad or (needs_slopes_grad and alibi is not None):
-        _say_once("fa_dynamo: the triton backward does not compute bias or ALiBi slope gradients; "
+        warn_once(log, "the triton backward does not compute bias or ALiBi slope gradients; "
                   "using the reference backward")
         return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad,
                                   needs_slopes_grad=needs_slopes_grad, zero_empty_rows=zero_empty_rows, **kw)
@@ -418,7 +421,7 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
     reason = unsupported_reason(q, v)
     if reason is not None or min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
         if reason is not None:
-            _say_once(f"fa_dynamo: {reason}; using the reference backward instead")
+            warn_once(log, f"{reason}; using the reference backward instead")
         return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=False, **kw)[:3]
 
     batch, heads, num_q, _ = q.shape
@@ -459,7 +462,7 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
             dict(consts, SEG_SKIP=skip_keys), q, block_q, block_k, bias, mask, backward=True,
         )
     except _RESOURCE_ERRORS as e:
-        _say_once(f"fa_dynamo: no triton backward tile config fits this GPU ({type(e).__name__}); using the reference")
+        warn_once(log, f"no triton backward tile config fits this GPU ({type(e).__name__}); using the reference")
         return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=False, **kw)[:3]
     if rows.numel():
         _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, **kw)

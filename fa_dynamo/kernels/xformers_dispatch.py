@@ -41,19 +41,19 @@ where ``xformers.ops`` imports and CUDA is available.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 from typing import Optional
 
 import torch
 
+from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.cpu import _recompute_unserved_rows
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.alibi import Alibi, alibi_as_bias
 from fa_dynamo.kernels.segments import Segments, segments_as_mask
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 BIAS_ALIGN = 8  # xformers needs the dense attn_bias's row stride a multiple of 8 (slice a wider tensor)
 
@@ -65,9 +65,6 @@ def _xformers_ops():
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-    log.warning(message)
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float) -> Optional[str]:
@@ -164,7 +161,7 @@ def attention_xformers(
     the dense bias (``segments_as_mask``)."""
     reason = unsupported_reason(q, k, v, softcap)
     if reason is not None:
-        _say_once(f"fa_dynamo: {reason}; falling back from the xformers kernel")
+        warn_once(log, f"{reason}; falling back from the xformers kernel")
         return None
     mask = segments_as_mask(mask, segments, "xformers")
     bias = alibi_as_bias(bias, alibi, q.shape[2], k.shape[2], "xformers")
@@ -183,7 +180,7 @@ def attention_xformers(
     name, args = bias_class(band, num_q, num_k)
     if bias is not None or mask is not None or name == "dense":
         what = "a dense bias" if bias is not None else "a bool mask" if mask is not None else f"band {band}"
-        _say_once(f"fa_dynamo: xformers gets {what} as a materialized Sq×Sk attn_bias tensor")
+        warn_once(log, f"xformers gets {what} as a materialized Sq×Sk attn_bias tensor")
         attn_bias = _dense_bias(bias, mask, band, q, k, grouped)
     elif name is None:
         attn_bias = None

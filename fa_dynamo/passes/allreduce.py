@@ -64,7 +64,7 @@ from fa_dynamo.passes import allreduce_cost as cost
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.matching import aten, describe, is_op, normalize_dim, val
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 c10d = torch.ops._c10d_functional
 _ATTENTION = torch.ops.fa_dynamo.attention
 
@@ -275,7 +275,7 @@ def _split_attention_too(site: _Site, chunks: int) -> int:
         elif not bool(chain.seq >= chunks):  # guard: every chunk holds at least one query row
             raise NotSplit(f"fewer query rows than chunks ({chunks})")
     except NotSplit as e:
-        log.info("fa_dynamo: allreduce at %s: the attention feeding the matmul stays whole: %s", _where(site.reduce), e)
+        log.info("allreduce at %s: the attention feeding the matmul stays whole: %s", _where(site.reduce), e)
         return chunks
     site.attention = chain
     return chunks

@@ -22,6 +22,7 @@ A site with anything not exactly understood is left alone and reported with the 
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import math
 import operator
@@ -33,7 +34,6 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.config import FastAttentionConfig
-from fa_dynamo.logs import log
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.attention_rewrite import is_metadata_read, rewrite
 from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
@@ -44,6 +44,8 @@ from fa_dynamo.passes.matching import (
     aten, describe, dtype, insert_with_val, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, python_scalar,
     round_to, shape, val, writes_between,
 )
+
+log = logging.getLogger(__name__)
 
 _MATMULS = (aten.matmul, aten.bmm, aten.einsum)
 _CASTS = (aten.to, aten._to_copy, aten.type_as)

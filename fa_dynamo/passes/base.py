@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from fa_dynamo.config import FastAttentionConfig
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 
 @dataclass

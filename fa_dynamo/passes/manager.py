@@ -17,7 +17,7 @@ from fa_dynamo.passes.attention import AttentionPass
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.offload import OffloadPass
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 PASSES: list[GraphPass] = [AttentionPass(), AllReducePass(), OffloadPass()]
 """The pass order. New passes (allreduce, offload) are appended here as they ship."""
@@ -42,12 +42,12 @@ def run_passes(gm: fx.GraphModule, config: FastAttentionConfig) -> list[PassRepo
             gm.recompile()
             report.error = f"{type(e).__name__}: {e}"
             report.sites = [SiteReport(s.where, False, f"the pass failed: {report.error}") for s in report.sites]
-            log.warning("fa_dynamo: %s", report.summary())
+            log.warning("%s", report.summary())
         else:
-            log.debug("fa_dynamo: %s", report.summary() if report.sites else f"{graph_pass.name}: no candidate sites")
+            log.debug("%s", report.summary() if report.sites else f"{graph_pass.name}: no candidate sites")
             for where, why in report.refused:
-                log.info("fa_dynamo: %s not fused at %s: %s", graph_pass.name, where, why)
+                log.info("%s not fused at %s: %s", graph_pass.name, where, why)
         reports.append(report)
     if reports:
-        log.info("fa_dynamo: %s", "; ".join(r.headline() for r in reports))
+        log.info("%s", "; ".join(r.headline() for r in reports))
     return reports

@@ -43,7 +43,7 @@ from fa_dynamo.kernels import cooperative as _cooperative  # noqa: F401  (regist
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.matching import aten, describe, is_op, normalize_dim, val
 
-log = logging.getLogger("fa_dynamo")
+log = logging.getLogger(__name__)
 
 ATTENTION = torch.ops.fa_dynamo.attention.default
 COOPERATIVE = torch.ops.fa_dynamo.cooperative_attention.default
@@ -95,7 +95,7 @@ class OffloadPass(GraphPass):
             summary = (f"{where}: {plan.host_keys} host key(s) {'before' if plan.host_first else 'after'} "
                        f"{plan.device_keys} device key(s), {budget}, strategy {strategy}")
             report.sites.append(SiteReport(where, True, kernel=f"cooperative ({strategy})"))
-            log.info("fa_dynamo: offload: %s", summary)
+            log.info("offload: %s", summary)
         graph.eliminate_dead_code()
 
 

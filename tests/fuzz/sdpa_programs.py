@@ -37,15 +37,11 @@ def sdpa_programs(draw) -> Program:
     layout = draw(st.sampled_from(("bhsd", "bshd")))
     w.tag("mask", mask), w.tag("is_causal", is_causal), w.tag("layout", layout)
 
-    if layout == "bhsd":
-        q, k, v = (w.add_input(n, f"randn(gen, b, {h}, {s}, {d})")
-                   for n, h, s, d in (("q", "hq", "sq", "d"), ("k", "hkv", "sk", "d"), ("v", "hkv", "sk", "dv")))
-    else:  # projections come out [B, S, H, D]: the call reads their transposes
-        names = [w.add_input(n + "_proj", f"randn(gen, b, {s}, {h}, {d})")
-                 for n, h, s, d in (("q", "hq", "sq", "d"), ("k", "hkv", "sk", "d"), ("v", "hkv", "sk", "dv"))]
-        for name, proj in zip("qkv", names):
-            w(f"{name} = {proj}.transpose(1, 2)")
-        q, k, v = "q", "k", "v"
+    for name, heads, length, dim in (("q", "hq", "sq", "d"), ("k", "hkv", "sk", "d"), ("v", "hkv", "sk", "dv")):
+        if layout == "bhsd":
+            w.add_input(name, f"randn(gen, b, {heads}, {length}, {dim})")
+        else:  # projections come out [B, S, H, D]: the call reads their transposes
+            w(f"{name} = {w.add_input(name + '_proj', f'randn(gen, b, {length}, {heads}, {dim})')}.transpose(1, 2)")
     kwargs = []
     if hq != hkv:
         gqa = draw(st.sampled_from(GQA_FORMS + (("broadcast",) if hkv == 1 else ())))

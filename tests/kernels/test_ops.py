@@ -6,7 +6,6 @@ most ~2× the error of eager attention run in the same dtype (3× for gradients)
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -182,12 +182,17 @@ def attention_cpu(
         return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band,
                                    segments=segments, alibi=alibi)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    unmasked = bias is None and mask is None and segments is None and alibi is None
 
-    # Whole-call fast path: ATen's kernel is top-left causal or unmasked, no row is empty; a
-    # finite fill for the hidden keys is checked row by row like everywhere else.
-    if _aten_serves(q, v, softcap) and unmasked and band.min_offset is None and band.max_offset in (None, 0):
-        out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, scale=scale)
+    # Whole-call fast path: ATen's kernel is top-left causal or unmasked, and takes an additive
+    # mask that varies along the keys only (key padding: O(Sk), never Sq×Sk). Rows it cannot serve
+    # (no visible key, for which it returns 0 with lse 0; a finite fill) are recomputed.
+    key_only = all(t is None or t.shape[-2] == 1 for t in (bias, mask))
+    if (_aten_serves(q, v, softcap) and key_only and segments is None and alibi is None
+            and band.min_offset is None and band.max_offset in (None, 0)):
+        additive = _key_additive(bias, mask, q.dtype)
+        out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, attn_mask=additive, scale=scale)
+        if additive is not None:
+            lse = lse.masked_fill(_rows_without_keys(additive, num_q, causal=band.max_offset == 0), float("-inf"))
         _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
         return out, lse
 
@@ -209,6 +214,25 @@ def attention_cpu(
 
     _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments, alibi)
     return out, lse
+
+
+def _key_additive(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    """A ``[B|1, H|1, 1, Sk]`` bias and bool mask (True = hidden) as one additive mask in ``dtype``."""
+    if bias is None and mask is None:
+        return None
+    additive = torch.zeros((), dtype=dtype) if bias is None else bias.to(dtype)
+    return additive if mask is None else additive.masked_fill(mask, float("-inf"))
+
+
+def _rows_without_keys(additive: torch.Tensor, num_q: int, causal: bool) -> torch.Tensor:
+    """Bool ``[B|1, H|1, Sq]``: rows for which a key-only additive mask (and the top-left causal
+    band) leaves no key visible."""
+    visible = ~torch.isneginf(additive[..., 0, :])  # [B|1, H|1, Sk]
+    if not causal:
+        return (~visible.any(-1, keepdim=True)).expand(*visible.shape[:-1], num_q)
+    seen = visible.cumsum(-1) > 0  # row i sees keys 0..i
+    last_key = torch.arange(num_q).clamp(max=visible.shape[-1] - 1)
+    return ~seen.index_select(-1, last_key)
 
 
 def unserved_rows(

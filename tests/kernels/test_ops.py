@@ -261,3 +261,25 @@ def test_zero_scale_with_a_causal_band(kernel):
     _check_accuracy(out, q, k, v, kw, 0.0)
     out = fa_dynamo.attention(q, k, v, scale=0.0, max_offset=0, kernel=kernel)
     _check_accuracy(out, q, k, v, {"hi": 0}, 0.0)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), -1e9, -5.0])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("zero_empty_rows", [False, True])
+def test_key_padding_whole_call_path_matches_reference(fill, causal, zero_empty_rows):
+    """The CPU kernel's one-call path for key-only masks and biases (left padding: the first
+    rows of batch 1 see no key under the causal band; batch 0 row-free of keys without it)."""
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, s, d = 2, 4, 2, 67, 16
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for h in (hq, hkv, hkv))
+    hidden = torch.zeros(b, 1, 1, s, dtype=torch.bool)
+    hidden[1, ..., :9] = True  # left padding
+    if not causal:
+        hidden[0] = True  # a batch row with no key at all
+    bias = torch.randn(b, hq, 1, s, generator=g)
+    kw = dict(bias=bias, mask=hidden, scale=0.3, fill=fill, max_offset=0 if causal else None,
+              zero_empty_rows=zero_empty_rows)
+    out = fa_dynamo.attention(q, k, v, kernel="cpu", **kw)
+    expected = fa_dynamo.attention(q, k, v, kernel="reference", **kw)
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5, equal_nan=True)

@@ -75,7 +75,7 @@ class AttentionPass(GraphPass):
         graph = gm.graph
         expanded = _expand_sdpa_calls(graph, report)
         kept = {n for e in expanded.values() for n in e.kept}  # SDPA calls that may yet be restored
-        dead_code = lambda: graph.eliminate_dead_code(is_impure_node=lambda n: n in kept or n.is_impure())  # noqa: E731
+        dead_code = lambda: _eliminate_dead_code(graph, kept)  # noqa: E731
         for where in canonicalize_manual_softmax(gm):
             log.debug("hand-written softmax at %s read as aten.softmax", where)
         _type_as_to_dtype(graph)
@@ -111,6 +111,16 @@ class AttentionPass(GraphPass):
 
 
 _SOFTMAXES = (aten.softmax, aten._softmax, aten._safe_softmax)
+
+
+def _eliminate_dead_code(graph: fx.Graph, kept: set) -> None:
+    """FX's dead-code elimination, keeping the SDPA calls still undecided (``kept``); random ops
+    count as pure or not as FX decides by default (Inductor's ``fallback_random`` under compile)."""
+    if not kept:
+        graph.eliminate_dead_code()
+        return
+    impure_random = torch._inductor.config.fallback_random if torch._guards.TracingContext.try_get() else True
+    graph.eliminate_dead_code(is_impure_node=lambda n: n in kept or n.is_impure(impure_random))
 
 
 def _expand_sdpa_calls(graph: fx.Graph, report: PassReport) -> dict:

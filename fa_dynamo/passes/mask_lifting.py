@@ -428,6 +428,11 @@ class _Interpreter:
             return self._compare_select(a, b, op)
         return self._compare_indices(n, a, b, op)
 
+    def _plus(self, x: Any, shift: int) -> Any:
+        """An index value plus an integer (unchanged for 0; not an index value: left to fail)."""
+        affine = self._affine(x) if shift else None
+        return x if affine is None else replace(affine, const=affine.const + Offset(shift))
+
     def _compare_indices(self, n: fx.Node, a: Any, b: Any, op) -> Select:
         """``a OP b`` for index values ``a`` and ``b``; ``n`` is the comparison's node."""
         a, b = self._affine(a), self._affine(b)
@@ -513,9 +518,10 @@ class _Interpreter:
         (wa, da), (wb, db) = (self._conjunct(arg, n) for arg in n.args[:2])
         where, dense = _intersect(wa, wb), da + db
         resolved, dense = resolve_packed_positions(dense)
-        for comparison, column_a, column_b in resolved:
+        for comparison, column_a, column_b, shift_a, shift_b in resolved:
             try:
-                indices = self._compare_indices(comparison, self.value(column_a), self.value(column_b),
+                indices = self._compare_indices(comparison, self._plus(self.value(column_a), shift_a),
+                                                self._plus(self.value(column_b), shift_b),
                                                 comparison.target.overloadpacket)
                 where = _intersect(where, indices.where)
             except _NotLiftable:  # not a band over the indices: the comparison stays a dense term

@@ -157,12 +157,12 @@ def _packed_ids_of(node: fx.Node) -> Optional[fx.Node]:
 
 
 def resolve_packed_positions(dense: tuple) -> tuple[list, tuple]:
-    """``([(comparison, column a, column b)], remaining dense terms)``.
+    """``([(comparison, column a, column b, shift a, shift b)], remaining dense terms)``.
 
-    ``P[b, a] OP P[b, c]`` is listed (and dropped from ``dense``) when ``dense`` also holds
+    ``P[b, a] + sa OP P[b, c] + sc`` (integer shifts) is listed (and dropped from ``dense``) when ``dense`` also holds
     ``ids[b, a] == ids[b, c]`` with ``ids = cumsum(diff(P) != 1)`` — transformers' packed
     sequence ids — on the same batch index and column index nodes: inside one sequence
-    positions step by exactly 1, so the comparison equals ``a OP c`` on the indices.
+    positions step by exactly 1, so the comparison equals ``a + sa OP c + sc`` on the indices.
     """
     same_sequence = [s for s in (_sequence_equality(d) for d in dense) if s is not None]
     resolved, remaining = [], []
@@ -188,11 +188,23 @@ def _sequence_equality(term: fx.Node) -> Optional[tuple]:
     return _unexpanded(positions), shape(a.base), a.batch_index, (a.column, b.column)
 
 
+def _shifted(node: Any) -> tuple[Any, int]:
+    """``x + c`` / ``x - c`` with an integer ``c`` → ``(x, ±c)``; anything else → ``(node, 0)``
+    (transformers' sliding window compares ``pos[kv] > pos[q] - window``)."""
+    if is_op(node, aten.add, aten.sub) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1 \
+            and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
+        return node.args[0], node.args[1] if is_op(node, aten.add) else -node.args[1]
+    return node, 0
+
+
 def _position_comparison(term: fx.Node, same_sequence: list) -> Optional[tuple]:
+    """``P[b, a] + sa OP P[b, c] + sc`` → ``(comparison, column a, column c, sa, sc)`` where
+    ``same_sequence`` holds the sequence equality of columns a and c."""
     node = strip_bool_casts(term)
     if not is_op(node, *_COMPARISONS):
         return None
-    a, b = (_gather(x) for x in node.args[:2])
+    (x, shift_a), (y, shift_b) = (_shifted(arg) for arg in node.args[:2])
+    a, b = _gather(x), _gather(y)
     if a is None or b is None or a.batch_index is not b.batch_index:
         return None
     root = _unexpanded(a.base)
@@ -201,5 +213,5 @@ def _position_comparison(term: fx.Node, same_sequence: list) -> Optional[tuple]:
     for seq_root, base_shape, batch_index, columns in same_sequence:
         if (seq_root is root and base_shape == shape(a.base) and batch_index is a.batch_index
                 and columns in ((a.column, b.column), (b.column, a.column))):
-            return node, a.column, b.column
+            return node, a.column, b.column, shift_a, shift_b
     return None

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.models.corpus import SEQ, build_case  # noqa: E402
+from tests.models.corpus import SEQ, WINDOW, build_case  # noqa: E402
 from tests.models.measure import ATTENTION_OP, measure_fastattention  # noqa: E402
 
 
@@ -48,3 +48,21 @@ def test_mpt_alibi_reaches_the_op_as_slopes(case):
     assert m.fused == m.sites == 2
     ops = [n for gm in m.afters for n in gm.graph.nodes if n.target is ATTENTION_OP]
     assert all(n.kwargs.get("alibi_slopes") is not None and n.args[3] is None for n in ops)
+
+
+@pytest.mark.parametrize("case", ["nopad", "pad_left", "decode_pad_left"])
+def test_sdpa_sliding_window_is_a_band(case):
+    """Mistral as shipped (SDPA): transformers compares positions, ``pos[kv] > pos[q] - window``,
+    beside the sequence-id equality it derives from them; inside one sequence that is
+    ``kv > q - window``, a band: the op gets ``-(window - 1) <= j - i <= 0`` and no Sq×Sk mask."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = measure_fastattention(build_case("mistral", case, attn="sdpa"))
+    torch.testing.assert_close(m.actual[m.valid], m.expected[m.valid], atol=1e-4, rtol=1e-4)
+    ops = [n for gm in m.afters for n in gm.graph.nodes if n.target is ATTENTION_OP]
+    assert m.fused == m.sites == len(ops) == 2
+    # decode: the sliding-window cache holds the last WINDOW keys, all visible to the new token
+    lo = 0 if case.startswith("decode") else -(WINDOW - 1)
+    assert all(n.args[8] == lo for n in ops), [n.args[8:10] for n in ops]
+    squares = [n.format_node() for gm in m.afters for n in gm.graph.nodes if _square(n)]
+    assert not squares, f"Sq×Sk tensors left in the compiled graph: {squares}"

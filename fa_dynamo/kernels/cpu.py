@@ -191,9 +191,11 @@ def attention_cpu(
             and band.min_offset is None and band.max_offset in (None, 0)):
         additive = _key_additive(bias, mask, q.dtype)
         out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, attn_mask=additive, scale=scale)
-        if additive is not None:
-            lse = lse.masked_fill(_rows_without_keys(additive, num_q, causal=band.max_offset == 0), float("-inf"))
-        _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
+        settled = None
+        if additive is not None:  # rows with no key: known without scores (padding rows are many)
+            settled = _rows_without_keys(additive, num_q, causal=band.max_offset == 0).expand(batch, heads, num_q)
+            _fill_rows_without_keys(out, lse, v, settled, fill)
+        _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, settled=settled)
         return out, lse
 
     problem = _Problem(q, k, v, bias, mask, scale, softcap, band, segments, alibi)
@@ -235,6 +237,22 @@ def _rows_without_keys(additive: torch.Tensor, num_q: int, causal: bool) -> torc
     return ~seen.index_select(-1, last_key)
 
 
+def _fill_rows_without_keys(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                            fill: float) -> None:
+    """Rows ``[B, H, Sq]`` in which the mask hides every key (in place): every score is ``fill``,
+    so softmax is NaN for ``-inf`` and uniform otherwise (the mean of the values, lse
+    ``fill + log(Sk)``), as the reference computes, without the reference's Sq×Sk scores."""
+    if not bool(rows.any()):
+        return
+    if math.isinf(fill):
+        value, row_lse = torch.full((), float("nan"), dtype=out.dtype), float("-inf")
+    else:
+        value = v.float().mean(dim=2, keepdim=True).repeat_interleave(out.shape[1] // v.shape[1], dim=1).to(out.dtype)
+        row_lse = fill + math.log(v.shape[2])
+    out.copy_(torch.where(rows.unsqueeze(-1), value, out))
+    lse.masked_fill_(rows, row_lse)
+
+
 def unserved_rows(
     lse: torch.Tensor, fill: float, mask: Optional[torch.Tensor], band: Band, num_keys: int,
     segments: Optional[Segments] = None,
@@ -267,9 +285,13 @@ def _nan_rows(q, k, v, bias, alibi: Optional[Alibi] = None) -> torch.Tensor:
 
 
 def _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q,
-                             segments: Optional[Segments] = None, alibi: Optional[Alibi] = None) -> None:
-    """Overwrite, with the reference, rows whose masked scores are not negligible (in place)."""
+                             segments: Optional[Segments] = None, alibi: Optional[Alibi] = None,
+                             settled: Optional[torch.Tensor] = None) -> None:
+    """Overwrite, with the reference, rows whose masked scores are not negligible (in place);
+    ``settled`` rows (``[B, H, Sq]``) are already exact."""
     unserved = unserved_rows(lse, fill, mask, band, k.shape[2], segments) | _nan_rows(q, k, v, bias, alibi)
+    if settled is not None:
+        unserved &= ~settled
     rows = unserved.any(dim=0).any(dim=0).nonzero().flatten()
     for start in range(0, rows.numel(), block_q):
         idx = rows[start : start + block_q]

@@ -4,6 +4,7 @@
     python -m benchmarks.coverage --families llama,bloom  # a subset
     python -m benchmarks.coverage --attn sdpa             # the models as transformers ships them only
     python -m benchmarks.coverage --no-inductor           # fa_dynamo only, 6-10 minutes
+    python -m benchmarks.coverage --inductor-on sdpa      # Inductor on the SDPA models only
 
 For every case of ``tests/models/corpus.py`` (tiny transformers models, random weights, fp32,
 under ``torch.no_grad()``), built with ``attn_implementation="eager"`` (hand-written attention)
@@ -308,6 +309,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--no-inductor", action="store_true", help="skip the Inductor peer")
     parser.add_argument("--attn", choices=("both", *ATTENTION_IMPLEMENTATIONS), default="both",
                         help="transformers' attn_implementation of the models (default: both)")
+    parser.add_argument("--inductor-on", choices=("both", *ATTENTION_IMPLEMENTATIONS), default="both",
+                        help="the models Inductor is measured on (default: both; --no-inductor: none)")
     parser.add_argument("--out", type=Path, default=RESULTS / "coverage", help="output path without extension")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -325,14 +328,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                 cases = [c for f, c in all_case_ids(attn) if f == family]
                 model = build_model(family, attn=attn) if cases else None
                 for case_name in cases:
-                    row, m = run_case(family, case_name, model, inductor=not args.no_inductor, attn=attn)
+                    inductor = not args.no_inductor and args.inductor_on in ("both", attn)
+                    row, m = run_case(family, case_name, model, inductor=inductor, attn=attn)
                     rows.append(row)
                     for where, why in m.refused:
                         if (attn, family, why) not in seen_reasons and where in m.snippets:
                             seen_reasons.add((attn, family, why))
                             snippets.append({"attn": attn, "family": family, "case": case_name, "where": where,
                                              "why": why, "graph": m.snippets[where]})
-                    ind = f" inductor {row.get('inductor_fused')}" if not args.no_inductor else ""
+                    ind = f" inductor {row.get('inductor_fused')}" if inductor else ""
                     print(
                         f"{attn} {family}-{case_name}: sites {row['sites']} fused {row['fa_fused']}{ind} "
                         f"max|Δ| {row['fa_max_diff']:.1e}" + ("" if row["equal_to_eager"] else "  ≠ EAGER"),

@@ -252,10 +252,9 @@ class _Heard:
     """Collects fa_dynamo's warnings (each a fallback) and Python warnings (SDPA's reasons)."""
 
     def __enter__(self) -> "_Heard":
-        for module in list(sys.modules.values()):  # fa_dynamo says each fallback once per process
-            said = getattr(module, "_say_once", None) if getattr(module, "__name__", "").startswith("fa_dynamo.") else None
-            if hasattr(said, "cache_clear"):
-                said.cache_clear()
+        from fa_dynamo.logs import warn_once
+
+        warn_once.cache_clear()  # fa_dynamo says each fallback once per process
         self.logs: list[str] = []
         self._handler = _ListHandler(self.logs)
         logging.getLogger("fa_dynamo").addHandler(self._handler)

@@ -367,6 +367,11 @@ def attention_triton_backward(
                   "using the reference backward")
         return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad,
                                   needs_slopes_grad=needs_slopes_grad, zero_empty_rows=zero_empty_rows, **kw)
+    reason = unsupported_reason(q, v)
+    if reason is not None:  # here, not inside the custom op below, where autograd does not record
+        warn_once(log, f"{reason}; using the reference backward instead")
+        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=False,
+                                  zero_empty_rows=zero_empty_rows, **kw)
     if out is None or lse is None:
         out, lse = attention_triton(q, k, v, bias, mask, block_k=block_k, **kw)
     q_ids, k_ids = (None, None) if segments is None else segments

@@ -793,37 +793,22 @@ def program(q, k, v, pad):
 ''',
     '''"""triton_float64_backward_inside_op: kernel=triton on float64 fell back to the reference backward inside the custom
 op, where autograd does not record ("element 0 of tensors does not require grad"); SDPA fuzzer finding"""
-import math
-
-import torch
-import torch.nn.functional as F
-
-NEG_INF = float("-inf")
-
-IS_ATTENTION = True
+''' + _IMPORTS + '''IS_ATTENTION = True
 EXPECT_FUSED = True
 DTYPE = torch.float64
 GRAD = True
 DYNAMIC = False
 SHAPES = [dict(b=2, hq=4, hkv=4, sq=3, sk=15, d=8, dv=24)]
 OPTIONS = {'kernel': 'triton', 'block_q': 16, 'block_k': 16}  # backend options
-
-
-def randn(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DTYPE)
-
+''' + _HEADER + '''
 
 def make_inputs(gen, b, hq, hkv, sq, sk, d, dv):
-    q = randn(gen, b, hq, sq, d)
-    k = randn(gen, b, hkv, sk, d)
-    v = randn(gen, b, hkv, sk, dv)
-    lengths = torch.randint(0, sk + 1, (b, 1), generator=gen)
-    return q, k, v, lengths
+    q, k, v = randn(gen, b, hq, sq, d), randn(gen, b, hkv, sk, d), randn(gen, b, hkv, sk, dv)
+    return q, k, v, torch.randint(0, sk + 1, (b, 1), generator=gen)
 
 
 def program(q, k, v, lengths):
     padding = torch.arange(k.shape[-2])[None, :] < lengths  # [B, Sk], True = a real token
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :], scale=2.0)
-    return out
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :], scale=2.0)
 ''',
 ]

@@ -3,8 +3,9 @@
 Two-level tiling. The outer tile is a block of ``block_q`` query rows; for it the band gives the
 range of keys any row can see, cut into inner tiles of ``block_k`` keys, each classified by the
 band and the segment ids (``segments.py``) as empty (skipped, never touched), full (no mask at
-all) or partial; a dense mask's tiles are classified at run time too, and skipped where it hides
-them whole (unfilled cache slots behind a data mask) (a ``block_q × block_k`` mask built from indices and ids). Consecutive full
+all) or partial (a ``block_q × block_k`` mask built from indices and ids); a dense mask's tiles
+are classified at run time too, and skipped where it hides them whole (unfilled cache slots
+behind a data mask). Consecutive full
 tiles run as one segment (a run of keys, not a packed sequence); each segment is handed to the
 fastest dense primitive, ATen's CPU flash kernel, which returns its log-sum-exp, and the
 segments of an outer tile are merged exactly through their log-sum-exps (online softmax at
@@ -184,8 +185,8 @@ def attention_cpu(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
 
     # Whole-call fast path: ATen's kernel is top-left causal or unmasked, and takes an additive
-    # mask that varies along the keys only (key padding: O(Sk), never Sq×Sk). Rows it cannot serve
-    # (no visible key, for which it returns 0 with lse 0; a finite fill) are recomputed.
+    # mask that varies along the keys only (key padding: O(Sk), never Sq×Sk). Rows with no visible
+    # key (ATen returns 0 with lse 0 there) are written directly; other unserved rows recomputed.
     key_only = all(t is None or t.shape[-2] == 1 for t in (bias, mask))
     if (_aten_serves(q, v, softcap) and key_only and segments is None and alibi is None
             and band.min_offset is None and band.max_offset in (None, 0)):

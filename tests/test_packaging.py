@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 # CI runs the suite from a copy of tests/ next to the installed wheel; it names the checkout here.
-SOURCE = Path(os.environ.get("FA_DYNAMO_SOURCE", Path(__file__).resolve().parents[1]))
+SOURCE = Path(os.environ.get("FASTATTENTION_SOURCE_TREE", Path(__file__).resolve().parents[1]))
 PACKAGE_FILES = ("setup.cfg", "pyproject.toml", "README.md")
 
 USE_INSTALLED = r"""
@@ -50,7 +50,7 @@ print("fused", fa_dynamo.explain(attention, q, k, v).fused)
 def _source_modules() -> set[str]:
     root = SOURCE / "fa_dynamo"
     if not root.is_dir():
-        raise FileNotFoundError(f"no source tree at {SOURCE}: set FA_DYNAMO_SOURCE to the checkout")
+        raise FileNotFoundError(f"no source tree at {SOURCE}: set FASTATTENTION_SOURCE_TREE to the checkout")
     return {p.relative_to(SOURCE).as_posix() for p in root.rglob("*.py") if "__pycache__" not in p.parts}
 
 

@@ -117,11 +117,14 @@ def over_budget(predicted_s: Optional[float], budget_s: Optional[float]) -> Opti
 # --- the machine -------------------------------------------------------------------------------
 
 
-def matmul_ceiling(dtype_names: tuple[str, ...] = ("fp32", "bf16"), n: int = 2048, repeats: int = 5) -> dict:
+def matmul_ceiling(dtype_names: tuple[str, ...] = ("fp32", "bf16"), n: int = 2048, repeats: int = 5,
+                   call_budget_s: float = 0.5) -> dict:
     """Measured GFLOP/s of one ``n×n @ n×n`` ``torch.mm`` per dtype: the machine's dense ceiling.
 
     Attention's two GEMMs cannot beat the machine's own large GEMM, so ``GFLOP/s / ceiling``
-    says how much of the machine a method uses. Median of ``repeats`` after one warm-up.
+    says how much of the machine a method uses. Median of ``repeats`` after one warm-up. The
+    size doubles from 256 up to ``n`` while one call stays under ``call_budget_s``: a CPU without
+    native half-precision GEMMs takes a minute for one 2048² bfloat16 product.
     """
     import torch
 
@@ -129,10 +132,15 @@ def matmul_ceiling(dtype_names: tuple[str, ...] = ("fp32", "bf16"), n: int = 204
     out = {}
     for name in dtype_names:
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=g, dtype=dtypes[name])
-        b = torch.randn(n, n, generator=g, dtype=dtypes[name])
-        t = measure(lambda: torch.mm(a, b), warmup=1, repeats=repeats)
-        out[name] = {"gflops": 2 * n**3 / t.median / 1e9, "n": n, "median_s": t.median}
+        size = min(256, n)
+        while True:
+            a = torch.randn(size, size, generator=g, dtype=dtypes[name])
+            b = torch.randn(size, size, generator=g, dtype=dtypes[name])
+            t = measure(lambda: torch.mm(a, b), warmup=1, repeats=repeats)
+            if size * 2 > n or t.median * 8 > call_budget_s:  # the next size costs ~8x
+                break
+            size *= 2
+        out[name] = {"gflops": 2 * size**3 / t.median / 1e9, "n": size, "median_s": t.median}
     return out
 
 

@@ -45,4 +45,5 @@ def test_info_log_has_one_summary_line_per_graph(caplog):
     assert summaries[0].startswith("fused 2/3 attention sites (mask: causal 1, padding 1)")
     assert any("not fused at softmax" in r.getMessage() for r in caplog.records)
     assert not any(r.getMessage().startswith("fa_dynamo:") for r in caplog.records), "the formatter names the logger"
-    assert {r.name.split(".")[0] for r in caplog.records} == {"fa_dynamo"} and logger.propagate
+    ours = [r for r in caplog.records if r.name.split(".")[0] == "fa_dynamo"]  # torch may log here too
+    assert any("attention sites" in r.getMessage() for r in ours) and logger.propagate

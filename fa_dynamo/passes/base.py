@@ -42,8 +42,8 @@ class PassReport:
         return tuple((s.where, s.reason) for s in self.sites if not s.fused)
 
     def headline(self) -> str:
-        """The pass's part of the one log line per graph."""
-        return f"{self.name}: {len(self.fused)}/{len(self.sites)} rewritten"
+        """The pass's part of the one log line per graph ("" when it found no site)."""
+        return f"{self.name}: {len(self.fused)}/{len(self.sites)} rewritten" if self.sites else ""
 
     def summary(self) -> str:
         head = f"{self.name}: fused {len(self.fused)} of {len(self.fused) + len(self.refused)} candidate site(s)"

@@ -15,12 +15,14 @@ from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.allreduce import AllReducePass
 from fa_dynamo.passes.attention import AttentionPass
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
+from fa_dynamo.passes.cache_writes import CacheWritePass
 from fa_dynamo.passes.offload import OffloadPass
 
 log = logging.getLogger(__name__)
 
-PASSES: list[GraphPass] = [AttentionPass(), AllReducePass(), OffloadPass()]
-"""The pass order. New passes (allreduce, offload) are appended here as they ship."""
+PASSES: list[GraphPass] = [CacheWritePass(), AttentionPass(), AllReducePass(), OffloadPass()]
+"""The pass order: cache writes first (a plain rewrite the others need not see), then attention,
+whose op the allreduce and offload passes read."""
 
 
 def run_passes(gm: fx.GraphModule, config: FastAttentionConfig) -> list[PassReport]:
@@ -48,6 +50,7 @@ def run_passes(gm: fx.GraphModule, config: FastAttentionConfig) -> list[PassRepo
             for where, why in report.refused:
                 log.info("%s not fused at %s: %s", graph_pass.name, where, why)
         reports.append(report)
-    if reports:
-        log.info("%s", "; ".join(r.headline() for r in reports))
+    headlines = [h for h in (r.headline() for r in reports) if h]
+    if headlines:
+        log.info("%s", "; ".join(headlines))
     return reports

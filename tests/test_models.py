@@ -21,6 +21,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fa_dynamo import FastAttentionBackend  # noqa: E402
+from fa_dynamo.passes.matching import op_arguments  # noqa: E402
 
 ATTENTION_OP = torch.ops.fa_dynamo.attention.default
 SOFTMAXES = (torch.ops.aten.softmax, torch.ops.aten._softmax, torch.ops.aten._safe_softmax)
@@ -152,7 +153,8 @@ def test_inference_matches_eager(family: str, padded: bool) -> None:
     if family != "bert" and not padded:  # the decoders' causal mask becomes a band, no S×S tensor
         ops = [n for _, after in backend.graphs for n in after.graph.nodes
                if n.target is torch.ops.fa_dynamo.attention.default]
-        assert all(op.args[3] is None and op.args[4] is None and op.args[9] == 0 for op in ops), ops
+        calls = [op_arguments(op) for op in ops]
+        assert all(c["bias"] is None and c["mask"] is None and c["max_offset"] == 0 for c in calls), ops
     keep = valid_positions(inputs)
     assert actual.shape == expected.shape
     assert torch.isfinite(expected[keep]).all()

@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 
 from fa_dynamo.kernels.alibi import Alibi
-from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention, rows_of
-from fa_dynamo.kernels.segments import Segments
 
 
 def attention_backward(
@@ -24,21 +23,14 @@ def attention_backward(
     v: torch.Tensor,
     bias: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
+    params: AttentionParams,
     *,
-    scale: float,
-    softcap: float,
-    fill: float,
-    band: Band,
-    block_q: int,
     needs_bias_grad: bool,
-    segments: Optional[Segments] = None,
-    alibi: Optional[Alibi] = None,
     needs_slopes_grad: bool = False,
-    zero_empty_rows: bool = False,
 ) -> tuple:
     """``(dq, dk, dv, dbias, dslopes)``; ``dbias`` has ``bias``'s shape and ``dslopes`` the ALiBi
     slopes', each None when not needed."""
-    num_q = q.shape[2]
+    num_q, block_q, alibi = q.shape[2], params.block_q, params.alibi
     dq = torch.empty_like(q)
     dk = torch.zeros_like(k, dtype=torch.float32 if k.dtype != torch.float64 else k.dtype)
     dv = torch.zeros_like(v, dtype=dk.dtype)
@@ -53,18 +45,13 @@ def attention_backward(
         bias_t = rows_of(bias, idx)
         if needs_bias_grad:
             bias_t = bias_t.detach().requires_grad_()
-        alibi_t = alibi
+        params_t = params.rows(idx)
         if needs_slopes_grad:
-            alibi_t = Alibi(alibi.slopes.detach().requires_grad_())
+            params_t = params_t.replace(alibi=Alibi(alibi.slopes.detach().requires_grad_()))
         with torch.enable_grad():
-            out_t, _ = reference_attention(
-                q_t, k_leaf, v_leaf, bias_t, rows_of(mask, idx),
-                scale=scale, softcap=softcap, fill=fill, band=band, q_idx=idx,
-                segments=None if segments is None else segments.rows(idx), alibi=alibi_t,
-                zero_empty_rows=zero_empty_rows,
-            )
+            out_t, _ = reference_attention(q_t, k_leaf, v_leaf, bias_t, rows_of(mask, idx), params_t, q_idx=idx)
             inputs = ((q_t, k_leaf, v_leaf) + ((bias_t,) if needs_bias_grad else ())
-                      + ((alibi_t.slopes,) if needs_slopes_grad else ()))
+                      + ((params_t.alibi.slopes,) if needs_slopes_grad else ()))
             grads = torch.autograd.grad(out_t, inputs, grad_out[:, :, q0 : q1])
         dq[:, :, q0 : q1] = grads[0]
         dk += grads[1]

@@ -48,8 +48,9 @@ import torch
 
 from fa_dynamo.kernels.backward import attention_backward
 from fa_dynamo.kernels.cpu import _NEGLIGIBLE_LOG, _merge
-from fa_dynamo.kernels.mask import Band, TileKind
+from fa_dynamo.kernels.mask import TileKind
 from fa_dynamo.kernels.ops import check_inputs
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import compute_dtype, reference_attention, rows_of
 from fa_dynamo.kernels.staging import BlockStream, stage_keys
 
@@ -258,7 +259,7 @@ def _cooperative_op(
     stage_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_shares(q, k_dev, v_dev, k_host, v_host, bias, mask, strategy, kernel, block_q, block_k, budget_bytes, stage_bytes)
-    params = _Params(scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k)
+    params = _Params(AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k), kernel)
     out, lse = run_cooperative(q, k_dev, v_dev, k_host, v_host, bias, mask, params, host_first=host_first,
                                budget_bytes=budget_bytes, strategy=strategy, stage_bytes=stage_bytes)
     return out.contiguous(), lse.contiguous()
@@ -278,7 +279,7 @@ def _setup_context(ctx, inputs, output):
      _budget, _strategy, _kernel, block_q, _block_k, _stage) = inputs
     ctx.save_for_backward(q, k_dev, v_dev, k_host, v_host, bias, mask)
     ctx.host_first = host_first
-    ctx.params = dict(scale=scale, softcap=softcap, fill=fill, band=Band(lo, hi), block_q=block_q)
+    ctx.params = AttentionParams.of(scale, softcap, fill, lo, hi, block_q, _block_k)
     ctx.mark_non_differentiable(output[1])
 
 
@@ -292,7 +293,7 @@ def _backward(ctx, grad_out, _grad_lse):
     k = _gather(q.device, k_host, k_dev, ctx.host_first)
     v = _gather(q.device, v_host, v_dev, ctx.host_first)
     dq, dk, dv, dbias, _ = attention_backward(
-        grad_out, q, k, v, bias, mask, needs_bias_grad=bias is not None and ctx.needs_input_grad[5], **ctx.params
+        grad_out, q, k, v, bias, mask, ctx.params, needs_bias_grad=bias is not None and ctx.needs_input_grad[5]
     )
     sh = k_host.shape[2]
     sd = k.shape[2] - sh
@@ -320,14 +321,8 @@ def _gather(device, host: torch.Tensor, dev: Optional[torch.Tensor], host_first:
 class _Params:
     """The arguments every share's ``fa_dynamo::attention`` call shares."""
 
-    scale: float
-    softcap: float
-    fill: float
-    min_offset: Optional[int]
-    max_offset: Optional[int]
+    attention: AttentionParams  # over the whole key axis
     kernel: str
-    block_q: int
-    block_k: int
 
     @property
     def host_kernel(self) -> str:
@@ -407,10 +402,9 @@ def _visible(share: _Share, num_q: int, params: _Params) -> bool:
     (then hidden keys still take part, with score ``fill``, as in eager)."""
     if share.num_keys == 0 or num_q == 0:
         return False
-    if math.isfinite(params.fill):
+    if math.isfinite(params.attention.fill):
         return True
-    band = Band(params.min_offset, params.max_offset)
-    return band.classify(0, num_q, share.k0, share.k0 + share.num_keys) is not TileKind.EMPTY
+    return params.attention.band.classify(0, num_q, share.k0, share.k0 + share.num_keys) is not TileKind.EMPTY
 
 
 def _keys(t: Optional[torch.Tensor], k0: int, k1: int) -> Optional[torch.Tensor]:
@@ -425,12 +419,8 @@ def _partial(q, k, v, k0: int, bias, mask, params: _Params, kernel: Optional[str
 
     ``bias`` and ``mask`` are already that key slice (``_keys``); the band is shifted by ``k0``.
     """
-    lo = None if params.min_offset is None else params.min_offset - k0
-    hi = None if params.max_offset is None else params.max_offset - k0
-    return _attention(
-        q, k, v, bias, mask, params.scale, params.softcap, params.fill,
-        lo, hi, kernel or params.kernel, params.block_q, params.block_k,
-    )
+    share = params.attention.replace(band=params.attention.band.shifted(k0))
+    return _attention(q, k, v, bias=bias, mask=mask, kernel=kernel or params.kernel, **share.op_arguments())
 
 
 def _share_partial(q, share: _Share, bias, mask, params: _Params):
@@ -476,8 +466,8 @@ def _recompute_fill_rows(out, lse, q, shares, bias, mask, params: _Params):
     Decode rows, and every row under a ``-inf`` fill, never come here. (Same recompute as the
     CPU kernel's, with the test written so that it still works at ``|fill| ~ 1e38``.)
     """
-    band = Band(params.min_offset, params.max_offset)
-    if not math.isfinite(params.fill) or (mask is None and band.is_unbounded):
+    whole = params.attention
+    if not math.isfinite(whole.fill) or (mask is None and whole.band.is_unbounded):
         return out, lse
     shares = sorted((s for s in shares if s is not None and s.num_keys), key=lambda s: s.k0)
     num_keys = sum(s.num_keys for s in shares)
@@ -485,7 +475,7 @@ def _recompute_fill_rows(out, lse, q, shares, bias, mask, params: _Params):
         return out, lse
     # fill > lse + log(eps) - log(Sk), written as a difference: at |fill| ~ 1e38 only the
     # difference (exact when lse ≈ fill) still tells "the fill counts" from "it is negligible".
-    gap = lse.double() - params.fill
+    gap = lse.double() - whole.fill
     rows = (torch.isneginf(lse) | (gap < math.log(num_keys) - _NEGLIGIBLE_LOG)).flatten(0, 1).any(0).nonzero().flatten()
     if rows.numel() == 0:
         return out, lse
@@ -494,12 +484,10 @@ def _recompute_fill_rows(out, lse, q, shares, bias, mask, params: _Params):
     v = torch.cat([s.v.to(cpu) for s in shares], dim=2)
     q, bias, mask, rows_h = q.to(cpu), None if bias is None else bias.to(cpu), None if mask is None else mask.to(cpu), rows.to(cpu)
     out, lse = out.clone(), lse.clone()
-    for start in range(0, rows_h.numel(), params.block_q):
-        idx = rows_h[start : start + params.block_q]
+    for start in range(0, rows_h.numel(), whole.block_q):
+        idx = rows_h[start : start + whole.block_q]
         r_out, r_lse = reference_attention(
-            q.index_select(2, idx), k, v, rows_of(bias, idx), rows_of(mask, idx),
-            scale=params.scale, softcap=params.softcap, fill=params.fill, band=band, q_idx=idx,
-        )
+            q.index_select(2, idx), k, v, rows_of(bias, idx), rows_of(mask, idx), whole, q_idx=idx)
         out.index_copy_(2, idx.to(out.device), r_out.to(out.device))
         lse.index_copy_(2, idx.to(out.device), r_lse.to(out.device))
     return out, lse
@@ -569,10 +557,10 @@ def _stream(q, host: Optional[_Share], device: Optional[_Share], bias, mask, par
         return [] if device is None else [_share_partial(q, device, bias, mask, params)]
     sh = host.num_keys
     block = stage_keys(host.k, host.v, stage_bytes or DEFAULT_STAGE_BYTES)
-    band = Band(params.min_offset, params.max_offset)
+    band = params.attention.band
     blocks = [  # blocks no query row can see are never copied (fill -inf)
         (a, min(a + block, sh)) for a in range(0, sh, block)
-        if math.isfinite(params.fill)
+        if math.isfinite(params.attention.fill)
         or band.classify(0, q.shape[2], host.k0 + a, host.k0 + min(a + block, sh)) is not TileKind.EMPTY
     ]
     stream = BlockStream(host.k, host.v, q.device, block, blocks)

@@ -26,9 +26,11 @@ from typing import Optional
 import torch
 
 from fa_dynamo.kernels.alibi import Alibi
+from fa_dynamo.kernels.gqa_packing import packed_attention, packs
 from fa_dynamo.kernels.mask import Band, TileKind, dense_tile_kind
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import masked_scores, reference_attention, rows_of
-from fa_dynamo.kernels.segments import Segments, SegmentTiles, combine
+from fa_dynamo.kernels.segments import SegmentTiles, combine
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -69,11 +71,11 @@ def _merge(
 class _Problem:
     """One call's inputs and the segment primitives over them."""
 
-    def __init__(self, q, k, v, bias, mask, scale, softcap, band, segments: Optional[Segments],
-                 alibi: Optional[Alibi]):
+    def __init__(self, q, k, v, bias, mask, params: AttentionParams):
         self.q, self.k, self.v = q, k, v
         self.bias, self.mask = bias, mask
-        self.scale, self.softcap, self.band, self.segments, self.alibi = scale, softcap, band, segments, alibi
+        self.params = params
+        self.band, self.segments, self.alibi = params.band, params.segments, params.alibi
 
     def additive_tile(self, q0: int, q1: int, k0: int, k1: int, with_band: bool, with_segments: bool
                       ) -> Optional[torch.Tensor]:
@@ -105,23 +107,24 @@ class _Problem:
         """
         q_t = self.q[:, :, q0:q1]
         k_s, v_s = self.k[:, :, k0:k1], self.v[:, :, k0:k1]
-        if not _aten_serves(self.q, self.v, self.softcap):
+        if not _aten_serves(self.q, self.v, self.params.softcap):
             return self._gemm_segment(q_t, k_s, v_s, q0, q1, k0, k1, with_band, with_segments)
         tile = self.additive_tile(q0, q1, k0, k1, with_band, with_segments)
-        out, lse = _flash_cpu(q_t, k_s, v_s, 0.0, False, attn_mask=tile, scale=self.scale)
+        out, lse = _flash_cpu(q_t, k_s, v_s, 0.0, False, attn_mask=tile, scale=self.params.scale)
         if tile is not None:
             dead = torch.isneginf(tile).all(-1).expand(lse.shape)
             lse = lse.masked_fill(dead, float("-inf"))
         return out.float(), lse.float()
 
     def _gemm_segment(self, q_t, k_s, v_s, q0, q1, k0, k1, with_band, with_segments):
-        s = masked_scores(
-            q_t, k_s, torch.arange(q0, q1), k0,
-            scale=self.scale, softcap=self.softcap,
-            bias=_slice_keys(_slice_rows(self.bias, q0, q1), k0, k1),
-            mask=_slice_keys(_slice_rows(self.mask, q0, q1), k0, k1),
+        tile_params = self.params.replace(
             fill=float("-inf"), band=self.band if with_band else Band(),
-            segments=self.segments.tile(q0, q1, k0, k1) if with_segments else None, alibi=self.alibi,
+            segments=self.segments.tile(q0, q1, k0, k1) if with_segments else None,
+        )
+        s = masked_scores(
+            q_t, k_s, torch.arange(q0, q1),
+            _slice_keys(_slice_rows(self.bias, q0, q1), k0, k1), _slice_keys(_slice_rows(self.mask, q0, q1), k0, k1),
+            tile_params, k0,
         )
         m = s.amax(dim=-1, keepdim=True)
         p = torch.exp(s - torch.where(torch.isneginf(m), 0.0, m))
@@ -166,40 +169,39 @@ def attention_cpu(
     v: torch.Tensor,
     bias: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
-    *,
-    scale: float,
-    softcap: float,
-    fill: float,
-    band: Band,
-    block_q: int,
-    block_k: int,
-    segments: Optional[Segments] = None,
-    alibi: Optional[Alibi] = None,
+    params: AttentionParams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference_attention``; memory O(block_q × block_k) beyond the inputs."""
     batch, heads, num_q, _ = q.shape
     num_k = k.shape[2]
     if num_q == 0 or num_k == 0:
-        return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band,
-                                   segments=segments, alibi=alibi)
+        return reference_attention(q, k, v, bias, mask, params)
+    band, block_q, block_k, segments = params.band, params.block_q, params.block_k, params.segments
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+
+    if _aten_serves(q, v, params.softcap) and packs(q, k, params):  # decode: K/V read once per group
+        packed = packed_attention(q, k, v, bias, mask, params)
+        if packed is not None:
+            out, lse = packed
+            recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
+            return out, lse
 
     # Whole-call fast path: ATen's kernel is top-left causal or unmasked, and takes an additive
     # mask that varies along the keys only (key padding: O(Sk), never Sq×Sk). Rows with no visible
     # key (ATen returns 0 with lse 0 there) are written directly; other unserved rows recomputed.
     key_only = all(t is None or t.shape[-2] == 1 for t in (bias, mask))
-    if (_aten_serves(q, v, softcap) and key_only and segments is None and alibi is None
+    if (_aten_serves(q, v, params.softcap) and key_only and segments is None and params.alibi is None
             and band.min_offset is None and band.max_offset in (None, 0)):
         additive = _key_additive(bias, mask, q.dtype)
-        out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, attn_mask=additive, scale=scale)
+        out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, attn_mask=additive, scale=params.scale)
         settled = None
         if additive is not None:  # rows with no key: known without scores (padding rows are many)
             settled = _rows_without_keys(additive, num_q, causal=band.max_offset == 0).expand(batch, heads, num_q)
-            _fill_rows_without_keys(out, lse, v, settled, fill)
-        _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, settled=settled)
+            _fill_rows_without_keys(out, lse, v, settled, params.fill)
+        recompute_unserved_rows(out, lse, q, k, v, bias, mask, params, settled=settled)
         return out, lse
 
-    problem = _Problem(q, k, v, bias, mask, scale, softcap, band, segments, alibi)
+    problem = _Problem(q, k, v, bias, mask, params)
     segment_tiles = None if segments is None else SegmentTiles(segments)
     out = q.new_empty(batch, heads, num_q, v.shape[-1])
     lse = torch.empty(batch, heads, num_q, dtype=torch.float32)
@@ -215,7 +217,7 @@ def attention_cpu(
         out[:, :, q0:q1] = acc
         lse[:, :, q0:q1] = acc_lse.float()
 
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments, alibi)
+    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
     return out, lse
 
 
@@ -254,18 +256,16 @@ def _fill_rows_without_keys(out: torch.Tensor, lse: torch.Tensor, v: torch.Tenso
     lse.masked_fill_(rows, row_lse)
 
 
-def unserved_rows(
-    lse: torch.Tensor, fill: float, mask: Optional[torch.Tensor], band: Band, num_keys: int,
-    segments: Optional[Segments] = None,
-) -> torch.Tensor:
+def unserved_rows(lse: torch.Tensor, mask: Optional[torch.Tensor], params: AttentionParams, num_keys: int
+                  ) -> torch.Tensor:
     """Bool ``[B, H, Sq]``: rows a fast kernel (masked scores dropped, ``lse`` from what it saw)
     cannot serve exactly — no visible key, a finite fill value that is not negligible, an lse so
     large (a -1e9 or finfo.min bias hiding the whole row) that float32 lost log(n) next to it and
     merging partial results by it would be wrong, or a NaN lse (ATen's causal CPU kernel with
     ``scale=0`` computes -inf · 0)."""
     unserved = torch.isneginf(lse) | torch.isnan(lse) | (lse.abs() > _HUGE_LSE)
-    if math.isfinite(fill) and (mask is not None or segments is not None or not band.is_unbounded):
-        unserved |= fill > lse + (_NEGLIGIBLE_LOG - math.log(num_keys))
+    if math.isfinite(params.fill) and (mask is not None or params.is_masked):
+        unserved |= params.fill > lse + (_NEGLIGIBLE_LOG - math.log(num_keys))
     return unserved
 
 
@@ -285,41 +285,36 @@ def _nan_rows(q, k, v, bias, alibi: Optional[Alibi] = None) -> torch.Tensor:
     return rows
 
 
-def _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q,
-                             segments: Optional[Segments] = None, alibi: Optional[Alibi] = None,
-                             settled: Optional[torch.Tensor] = None) -> None:
+def recompute_unserved_rows(out, lse, q, k, v, bias, mask, params: AttentionParams,
+                            settled: Optional[torch.Tensor] = None) -> None:
     """Overwrite, with the reference, rows whose masked scores are not negligible (in place);
     ``settled`` rows (``[B, H, Sq]``) are already exact."""
-    unserved = unserved_rows(lse, fill, mask, band, k.shape[2], segments) | _nan_rows(q, k, v, bias, alibi)
+    unserved = unserved_rows(lse, mask, params, k.shape[2]) | _nan_rows(q, k, v, bias, params.alibi)
     if settled is not None:
         unserved &= ~settled
     rows = unserved.any(dim=0).any(dim=0).nonzero().flatten()
-    for start in range(0, rows.numel(), block_q):
-        idx = rows[start : start + block_q]
+    for start in range(0, rows.numel(), params.block_q):
+        idx = rows[start : start + params.block_q]
         r_out, r_lse = reference_attention(
-            q.index_select(2, idx), k, v, rows_of(bias, idx), rows_of(mask, idx),
-            scale=scale, softcap=softcap, fill=fill, band=band, q_idx=idx,
-            segments=None if segments is None else segments.rows(idx), alibi=alibi,
+            q.index_select(2, idx), k, v, rows_of(bias, idx), rows_of(mask, idx), params.rows(idx), q_idx=idx,
         )
         out.index_copy_(2, idx, r_out)
         lse.index_copy_(2, idx, r_lse)
 
 
-def attention_sdpa(q, k, v, bias, mask, *, scale, softcap, fill, band, block_q, block_k, segments=None, alibi=None):
+def attention_sdpa(q, k, v, bias, mask, params: AttentionParams):
     """The peer strategy: one ATen flash call with the whole Sq×Sk mask materialized.
 
     Kept as a selectable kernel (``FA_DYNAMO_KERNEL=sdpa``) to measure what tiling buys; it
     serves the same semantics (what ATen cannot serve goes through the tiled kernel's GEMM tiles).
     """
     num_q, num_k = q.shape[2], k.shape[2]
-    if not _aten_serves(q, v, softcap) or num_q == 0 or num_k == 0:
-        return attention_cpu(
-            q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k,
-            segments=segments, alibi=alibi,
-        )
+    if not _aten_serves(q, v, params.softcap) or num_q == 0 or num_k == 0:
+        return attention_cpu(q, k, v, bias, mask, params)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    problem = _Problem(q, k, v, bias, mask, scale, softcap, band, segments, alibi)
-    out, lse = problem.segment(0, num_q, 0, num_k, with_band=not band.is_unbounded, with_segments=segments is not None)
+    problem = _Problem(q, k, v, bias, mask, params)
+    out, lse = problem.segment(0, num_q, 0, num_k, with_band=not params.band.is_unbounded,
+                               with_segments=params.segments is not None)
     out = out.to(q.dtype)
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments, alibi)
+    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
     return out, lse

@@ -33,6 +33,11 @@ class Band:
     def is_unbounded(self) -> bool:
         return self.min_offset is None and self.max_offset is None
 
+    def shifted(self, k0: int) -> "Band":
+        """The same band over keys renumbered from ``k0`` (key ``k0 + j`` becomes key ``j``)."""
+        return Band(None if self.min_offset is None else self.min_offset - k0,
+                    None if self.max_offset is None else self.max_offset - k0)
+
     def classify(self, q0: int, q1: int, k0: int, k1: int) -> TileKind:
         """Kind of the tile of rows ``[q0, q1)`` and columns ``[k0, k1)`` (both non-empty)."""
         low_diff, high_diff = k0 - (q1 - 1), (k1 - 1) - q0

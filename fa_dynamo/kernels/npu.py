@@ -44,11 +44,12 @@ from typing import Optional
 import torch
 
 from fa_dynamo.logs import warn_once
-from fa_dynamo.kernels.cpu import _recompute_unserved_rows, attention_cpu
+from fa_dynamo.kernels.alibi import alibi_as_bias
+from fa_dynamo.kernels.cpu import attention_cpu, recompute_unserved_rows
 from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention
-from fa_dynamo.kernels.alibi import Alibi, alibi_as_bias
-from fa_dynamo.kernels.segments import Segments, segments_as_mask
+from fa_dynamo.kernels.segments import segments_as_mask
 
 log = logging.getLogger(__name__)
 
@@ -222,33 +223,25 @@ def attention_npu(
     v: torch.Tensor,
     bias: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
+    params: AttentionParams,
     *,
-    scale: float,
-    softcap: float,
-    fill: float,
-    band: Band,
-    block_q: int,
-    block_k: int,
-    segments: Optional[Segments] = None,
-    alibi: Optional[Alibi] = None,
     training: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``attention_cpu``, on torch_npu (``q`` on an NPU: ``ops`` dispatches only
     ``npu`` tensors here). ``training`` picks the kernel; by default, whether an input requires grad.
     Segment ids reach torch_npu as part of the dense mask (``segments_as_mask``).
     """
-    reason = unsupported_reason(q, k, v, softcap)
+    reason = unsupported_reason(q, k, v, params.softcap)
     if reason is not None:
         on_cpu = q.device.type == "cpu"
         warn_once(log, f"{reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
-        kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, segments=segments, alibi=alibi)
-        if on_cpu:
-            return attention_cpu(q, k, v, bias, mask, block_q=block_q, block_k=block_k, **kw)
-        return reference_attention(q, k, v, bias, mask, **kw)
-    mask = segments_as_mask(mask, segments, "npu")
-    bias = alibi_as_bias(bias, alibi, q.shape[2], k.shape[2], "npu")
+        return (attention_cpu if on_cpu else reference_attention)(q, k, v, bias, mask, params)
+    mask = segments_as_mask(mask, params.segments, "npu")
+    bias = alibi_as_bias(bias, params.alibi, q.shape[2], k.shape[2], "npu")
+    params = params.replace(segments=None, alibi=None)  # now in the dense mask and bias
+    band, scale = params.band, params.scale
     if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
-        return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band)
+        return reference_attention(q, k, v, bias, mask, params)
     npu = _torch_npu()
     if training is None:
         training = any(t is not None and t.requires_grad for t in (q, k, v, bias))
@@ -266,5 +259,5 @@ def attention_npu(
         out, lse = _run_train(npu, q, k, v, pse, dense_mask, plan, scale)
     out = out.reshape(q.shape[0], q.shape[1], num_q, v.shape[-1]).to(q.dtype).contiguous()
     lse = lse.masked_fill(_dead_rows(band, dense_mask, plan, pse, q, k), float("-inf")).contiguous()
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
+    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
     return out, lse

@@ -17,7 +17,7 @@ from fa_dynamo.config import KERNELS
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.backward import attention_backward
 from fa_dynamo.kernels.cpu import attention_cpu, attention_sdpa
-from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.segments import Segments
 
@@ -85,8 +85,9 @@ def attention(
     if alibi_slopes is not None and alibi_slopes.dim() == 1:
         alibi_slopes = alibi_slopes.unsqueeze(0)
     out, _ = torch.ops.fa_dynamo.attention(
-        q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
-        q_segments=q_segments, k_segments=k_segments, alibi_slopes=alibi_slopes, zero_empty_rows=zero_empty_rows,
+        q, k, v, bias=bias, mask=mask, scale=scale, softcap=softcap, fill=fill, min_offset=min_offset,
+        max_offset=max_offset, kernel=kernel, block_q=block_q, block_k=block_k, q_segments=q_segments,
+        k_segments=k_segments, alibi_slopes=alibi_slopes, zero_empty_rows=zero_empty_rows,
     )
     return out
 
@@ -186,11 +187,9 @@ def _attention_op(
     zero_empty_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments, alibi_slopes)
-    out, lse = _run_kernel(
-        kernel, q, k, v, bias, mask,
-        scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset),
-        block_q=block_q, block_k=block_k, segments=Segments.of(q_segments, k_segments), alibi=Alibi.of(alibi_slopes),
-    )
+    params = AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k, q_segments,
+                                k_segments, alibi_slopes, zero_empty_rows)
+    out, lse = _run_kernel(kernel, q, k, v, bias, mask, params)
     if zero_empty_rows:  # kernels give NaN and lse = -inf for a row that sees no key; SDPA gives 0
         # (a finite row can have lse = -inf too: float64 scores at finfo.min overflow logsumexp)
         empty = torch.isneginf(lse) & out.isnan().any(-1)
@@ -207,34 +206,37 @@ def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel,
     return out, lse
 
 
+# The op's argument names in schema order: autograd's inputs and gradients are positional.
+_INPUTS = tuple(a.name for a in torch.ops.fa_dynamo.attention.default._schema.arguments)
+
+
 def _setup_context(ctx, inputs, output):
-    (q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
-     q_segments, k_segments, alibi_slopes, zero_empty_rows) = inputs
-    ctx.save_for_backward(q, k, v, bias, mask, q_segments, k_segments, alibi_slopes, *output)  # out, lse: for the FA2 backward
-    ctx.params = dict(scale=scale, softcap=softcap, fill=fill, band=Band(min_offset, max_offset), block_q=block_q)
-    ctx.zero_empty_rows = zero_empty_rows
-    ctx.kernel, ctx.block_k = kernel, block_k
+    args = dict(zip(_INPUTS, inputs))
+    tensors = ("q", "k", "v", "bias", "mask", "q_segments", "k_segments", "alibi_slopes")
+    ctx.save_for_backward(*(args[n] for n in tensors), *output)  # out, lse: for the FA2 backward
+    # the tensor-free rest; the segment ids and slopes come back from the saved tensors
+    ctx.params = AttentionParams.of(**{n: args[n] for n in _INPUTS if n not in tensors and n != "kernel"})
+    ctx.kernel = args["kernel"]
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, bias, mask, q_segments, k_segments, alibi_slopes, out, lse = ctx.saved_tensors
-    grads_of = dict(needs_bias_grad=bias is not None and ctx.needs_input_grad[3],
-                    needs_slopes_grad=alibi_slopes is not None and ctx.needs_input_grad[15])
-    kw = dict(segments=Segments.of(q_segments, k_segments), alibi=Alibi.of(alibi_slopes),
-              zero_empty_rows=ctx.zero_empty_rows, **grads_of, **ctx.params)
+    params = ctx.params.replace(segments=Segments.of(q_segments, k_segments), alibi=Alibi.of(alibi_slopes))
+    wants = dict(zip(_INPUTS, ctx.needs_input_grad))
+    grads_of = dict(needs_bias_grad=bias is not None and wants["bias"],
+                    needs_slopes_grad=alibi_slopes is not None and wants["alibi_slopes"])
     triton_backward = _triton_entry("attention_triton_backward") if _wants_triton(ctx.kernel, q) else None
     if triton_backward is not None:
-        dq, dk, dv, dbias, dslopes = triton_backward(grad_out, q, k, v, bias, mask, block_k=ctx.block_k, out=out,
-                                                     lse=lse, **kw)
+        dq, dk, dv, dbias, dslopes = triton_backward(grad_out, q, k, v, bias, mask, params, out=out, lse=lse,
+                                                     **grads_of)
     else:
-        dq, dk, dv, dbias, dslopes = attention_backward(grad_out, q, k, v, bias, mask, **kw)
-    # mask, scalars, segment ids and the empty-row switch have no gradient
-    return (dq, dk, dv, dbias) + (None,) * 11 + (dslopes, None)
+        dq, dk, dv, dbias, dslopes = attention_backward(grad_out, q, k, v, bias, mask, params, **grads_of)
+    grads = dict(q=dq, k=dk, v=dv, bias=dbias, alibi_slopes=dslopes)  # the rest have no gradient
+    return tuple(grads.get(name) for name in _INPUTS)
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
-
 
 
 
@@ -252,19 +254,19 @@ def _triton_entry(name: str):
     return getattr(triton_backward if name == "attention_triton_backward" else triton_attention, name)
 
 
-def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_kernel(kernel: str, q, k, v, bias, mask, params: AttentionParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch by kernel choice and device; a kernel that cannot serve the call says so once."""
     on_cpu = q.device.type == "cpu"
     if _wants_triton(kernel, q):
         attention_triton = _triton_entry("attention_triton")
         if attention_triton is not None:  # it falls back itself (logged) on what it cannot serve
-            return attention_triton(q, k, v, bias, mask, **kw)
+            return attention_triton(q, k, v, bias, mask, params)
         kernel = "auto"
     if kernel == "xformers":
         if q.device.type == "cuda":
             from fa_dynamo.kernels.xformers_dispatch import attention_xformers
 
-            result = attention_xformers(q, k, v, bias, mask, **kw)  # None: not served (said once)
+            result = attention_xformers(q, k, v, bias, mask, params)  # None: not served (said once)
             if result is not None:
                 return result
         else:
@@ -274,7 +276,7 @@ def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, t
         if q.device.type == "npu":
             from fa_dynamo.kernels.npu import attention_npu
 
-            return attention_npu(q, k, v, bias, mask, **kw)  # falls back itself without torch_npu
+            return attention_npu(q, k, v, bias, mask, params)  # falls back itself without torch_npu
         fallback = "cpu" if on_cpu else "reference"
         warn_once(log, f"the npu kernel serves npu tensors; using the {fallback} kernel instead")
         kernel = "auto"
@@ -286,8 +288,7 @@ def _run_kernel(kernel: str, q, k, v, bias, mask, **kw) -> tuple[torch.Tensor, t
         warn_once(log, f"the {kernel} kernel serves CPU tensors only; using the reference kernel on {q.device.type}")
         kernel = "reference"
     if kernel == "reference":
-        reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments", "alibi")}
-        return reference_attention(q, k, v, bias, mask, **reference_kw)
+        return reference_attention(q, k, v, bias, mask, params)
     if kernel == "sdpa":
-        return attention_sdpa(q, k, v, bias, mask, **kw)
-    return attention_cpu(q, k, v, bias, mask, **kw)
+        return attention_sdpa(q, k, v, bias, mask, params)
+    return attention_cpu(q, k, v, bias, mask, params)

@@ -24,9 +24,7 @@ from typing import Optional
 
 import torch
 
-from fa_dynamo.kernels.alibi import Alibi
-from fa_dynamo.kernels.mask import Band
-from fa_dynamo.kernels.segments import Segments
+from fa_dynamo.kernels.params import AttentionParams
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,23 +49,19 @@ def masked_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     q_idx: torch.Tensor,
-    k_start: int = 0,
-    *,
-    scale: float,
-    softcap: float,
     bias: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
-    fill: float,
-    band: Band,
-    segments: Optional[Segments] = None,
-    alibi: Optional[Alibi] = None,
+    params: AttentionParams,
+    k_start: int = 0,
 ) -> torch.Tensor:
     """Scores ``[B, Hkv, G, len(q_idx), Sk]`` in the compute dtype, masked as documented above.
 
     ``q`` holds the rows ``q_idx`` of the full query (``[B, Hq, len(q_idx), D]``) and ``k`` the
-    keys ``k_start, k_start + 1, ...``; ``bias``, ``mask`` and ``segments`` are already
+    keys ``k_start, k_start + 1, ...``; ``bias``, ``mask`` and ``params.segments`` are already
     restricted to those rows and keys.
     """
+    scale, softcap, fill, band = params.scale, params.softcap, params.fill, params.band
+    segments, alibi = params.segments, params.alibi
     num_kv_heads = k.shape[1]
     ct = compute_dtype(q.dtype)
     s = torch.matmul(group_heads(q.to(ct), num_kv_heads), k.to(ct).unsqueeze(2).transpose(-1, -2))
@@ -99,26 +93,18 @@ def reference_attention(
     v: torch.Tensor,
     bias: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
-    *,
-    scale: float,
-    softcap: float,
-    fill: float,
-    band: Band,
-    segments: Optional[Segments] = None,
-    alibi: Optional[Alibi] = None,
+    params: AttentionParams,
     q_idx: Optional[torch.Tensor] = None,
-    zero_empty_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32)``.
 
-    With ``q_idx``, ``q``, ``bias``, ``mask`` and ``segments`` hold only those query rows (see
-    ``rows_of`` and ``Segments.rows``).
+    With ``q_idx``, ``q``, ``bias``, ``mask`` and ``params`` hold only those query rows (see
+    ``rows_of`` and ``AttentionParams.rows``).
     """
     if q_idx is None:
         q_idx = torch.arange(q.shape[2], device=q.device)
-    s = masked_scores(q, k, q_idx, scale=scale, softcap=softcap, bias=bias, mask=mask, fill=fill, band=band,
-                      segments=segments, alibi=alibi)
-    p = torch.ops.aten._safe_softmax(s, -1) if zero_empty_rows else torch.softmax(s, dim=-1)
+    s = masked_scores(q, k, q_idx, bias, mask, params)
+    p = torch.ops.aten._safe_softmax(s, -1) if params.zero_empty_rows else torch.softmax(s, dim=-1)
     out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
     lse = torch.logsumexp(s, dim=-1)
     return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2).float()

@@ -14,7 +14,7 @@ masked loads; q·kᵀ and p·v accumulate in float32.
 
 Rows the kernel cannot serve exactly (no visible key: NaN in eager; a finite fill value that is
 not negligible: a uniform average) are detected from the LSE and recomputed by the reference,
-exactly as the CPU kernel does (``cpu._recompute_unserved_rows``). The backward kernels, which
+exactly as the CPU kernel does (``cpu.recompute_unserved_rows``). The backward kernels, which
 share this module's device helpers and launcher, are in ``triton_backward.py``.
 
 With ``TRITON_INTERPRET=1`` set before this module is imported, the same kernels run on CPU
@@ -48,8 +48,8 @@ except ImportError:  # pragma: no cover
 from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels import triton_configs as tc
 from fa_dynamo.kernels.alibi import Alibi
-from fa_dynamo.kernels.cpu import _recompute_unserved_rows, attention_cpu
-from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.cpu import attention_cpu, recompute_unserved_rows
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.segments import Segments
 
@@ -321,13 +321,10 @@ def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _fallback(q, k, v, bias, mask, reason, **kw):
+def _fallback(q, k, v, bias, mask, params: AttentionParams, reason: str):
     on_cpu = q.device.type == "cpu"
     warn_once(log, f"{reason}; using the {'cpu' if on_cpu else 'reference'} kernel instead")
-    if on_cpu:
-        return attention_cpu(q, k, v, bias, mask, **kw)
-    reference_kw = {n: kw[n] for n in ("scale", "softcap", "fill", "band", "segments", "alibi")}
-    return reference_attention(q, k, v, bias, mask, **reference_kw)
+    return (attention_cpu if on_cpu else reference_attention)(q, k, v, bias, mask, params)
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -372,17 +369,16 @@ def _alibi_args(alibi: Optional[Alibi], q: torch.Tensor):
     return slopes, slopes.stride()
 
 
-def _constexprs(q, v, bias, mask, softcap: float, band: Band, segments: Optional[Segments],
-                alibi: Optional[Alibi]) -> dict:
+def _constexprs(q, v, bias, mask, params: AttentionParams) -> dict:
     precision = None  # half types: the backend's default
     if q.dtype == torch.float32 or INTERPRETED:  # fp32: as exact as torch's matmul unless TF32 is allowed
         tf32 = q.device.type == "cuda" and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32
         precision = "tf32" if tf32 and torch.version.hip is None else "ieee"
     return dict(
         HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_pow2(q.shape[-1]), BLOCK_DV=_pow2(v.shape[-1]),
-        HAS_LO=band.min_offset is not None, HAS_HI=band.max_offset is not None,
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_SEG=segments is not None,
-        HAS_ALIBI=alibi is not None, SOFTCAP=softcap > 0,
+        HAS_LO=params.band.min_offset is not None, HAS_HI=params.band.max_offset is not None,
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_SEG=params.segments is not None,
+        HAS_ALIBI=params.alibi is not None, SOFTCAP=params.softcap > 0,
         LIBDEVICE=not INTERPRETED, DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         PRECISION=precision,
     )
@@ -419,8 +415,9 @@ def _launch(kernel, grid_of, args: tuple, consts: dict, q, block_q: int, block_k
         tuned[grid_of](*args, **consts)
 
 
-def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k, segments=None, alibi=None):
+def _forward(q, k, v, bias, mask, params: AttentionParams):
     """The kernel's own result: ``(out, lse)``; rows with no visible key have ``lse = -inf``."""
+    band, segments = params.band, params.segments
     batch, heads, num_q, _ = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
     full = (batch, heads, num_q, num_k)
@@ -429,17 +426,17 @@ def _forward(q, k, v, bias, mask, *, scale, softcap, band, block_q, block_k, seg
     bias_t, bias_s = _dense_args(bias, full, q)
     mask_t, mask_s = _dense_args(mask, full, q)
     q_ids, k_ids, seg_s = _segment_args(segments, q)
-    slopes, slope_s = _alibi_args(alibi, q)
+    slopes, slope_s = _alibi_args(params.alibi, q)
     runs, runs_s, seg_skip = _run_args(None if segments is None else segments.key_runs(), q)
     args = (
         q, k, v, bias_t, mask_t, q_ids, k_ids, slopes, runs, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *seg_s, *slope_s, *runs_s, *out.stride(),
-        heads, heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, scale, softcap,
-        _seq_class(num_q), _seq_class(num_k),
+        heads, heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, params.scale,
+        params.softcap, _seq_class(num_q), _seq_class(num_k),
     )
     grid = lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    consts = dict(_constexprs(q, v, bias, mask, softcap, band, segments, alibi), SEG_SKIP=seg_skip)
-    _launch(_attn_fwd, grid, args, consts, q, block_q, block_k, bias, mask)
+    consts = dict(_constexprs(q, v, bias, mask, params), SEG_SKIP=seg_skip)
+    _launch(_attn_fwd, grid, args, consts, q, params.block_q, params.block_k, bias, mask)
     return out, lse
 
 
@@ -449,15 +446,7 @@ def attention_triton(
     v: torch.Tensor,
     bias: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
-    *,
-    scale: float,
-    softcap: float,
-    fill: float,
-    band: Band,
-    block_q: int,
-    block_k: int,
-    segments: Optional[Segments] = None,
-    alibi: Optional[Alibi] = None,
+    params: AttentionParams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``attention_cpu``: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] fp32)``.
 
@@ -467,18 +456,14 @@ def attention_triton(
     (float64, head dims over 256, CPU tensors without ``TRITON_INTERPRET=1``, pre-Volta GPUs,
     bfloat16 before sm80) go to the CPU / reference kernel, said once in the log.
     """
-    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, block_k=block_k, segments=segments,
-              alibi=alibi)
     reason = unsupported_reason(q, v)
     if reason is not None:
-        return _fallback(q, k, v, bias, mask, reason, **kw)
+        return _fallback(q, k, v, bias, mask, params, reason)
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
-        return reference_attention(q, k, v, bias, mask, scale=scale, softcap=softcap, fill=fill, band=band,
-                                   segments=segments, alibi=alibi)
+        return reference_attention(q, k, v, bias, mask, params)
     try:
-        out, lse = _forward(q, k, v, bias, mask, scale=scale, softcap=softcap, band=band, block_q=block_q,
-                            block_k=block_k, segments=segments, alibi=alibi)
+        out, lse = _forward(q, k, v, bias, mask, params)
     except _RESOURCE_ERRORS as e:  # every tile config was too big for this GPU (e.g. fp32, D=256, sm75)
-        return _fallback(q, k, v, bias, mask, f"no triton tile config fits this GPU ({type(e).__name__})", **kw)
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q, segments, alibi)
+        return _fallback(q, k, v, bias, mask, params, f"no triton tile config fits this GPU ({type(e).__name__})")
+    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
     return out, lse

@@ -23,12 +23,10 @@ import triton
 import triton.language as tl
 
 from fa_dynamo.logs import warn_once
-from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.backward import attention_backward
 from fa_dynamo.kernels.cpu import unserved_rows
-from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import group_heads, masked_scores, rows_of
-from fa_dynamo.kernels.segments import Segments
 from fa_dynamo.kernels.triton_attention import (
     _RESOURCE_ERRORS,
     LOG2E,
@@ -339,20 +337,12 @@ def attention_triton_backward(
     v: torch.Tensor,
     bias: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
+    params: AttentionParams,
     *,
-    scale: float,
-    softcap: float,
-    fill: float,
-    band: Band,
-    block_q: int,
     needs_bias_grad: bool,
-    block_k: int = 512,
+    needs_slopes_grad: bool = False,
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
-    segments: Optional[Segments] = None,
-    alibi: Optional[Alibi] = None,
-    needs_slopes_grad: bool = False,
-    zero_empty_rows: bool = False,
 ) -> tuple:
     """Same contract as ``backward.attention_backward``: ``(dq, dk, dv, dbias, dslopes)``.
 
@@ -361,25 +351,19 @@ def attention_triton_backward(
     (aot_autograd traces the backward formula with fake tensors). A bias or ALiBi slope gradient
     goes to the reference backward, which is traceable as it is.
     """
-    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, segments=segments, alibi=alibi)
-    if needs_bias_grad or (needs_slopes_grad and alibi is not None):
+    if needs_bias_grad or (needs_slopes_grad and params.alibi is not None):
         warn_once(log, "the triton backward does not compute bias or ALiBi slope gradients; "
                   "using the reference backward")
-        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=needs_bias_grad,
-                                  needs_slopes_grad=needs_slopes_grad, zero_empty_rows=zero_empty_rows, **kw)
+        return attention_backward(grad_out, q, k, v, bias, mask, params, needs_bias_grad=needs_bias_grad,
+                                  needs_slopes_grad=needs_slopes_grad)
     reason = unsupported_reason(q, v)
     if reason is not None:  # here, not inside the custom op below, where autograd does not record
         warn_once(log, f"{reason}; using the reference backward instead")
-        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=False,
-                                  zero_empty_rows=zero_empty_rows, **kw)
+        return attention_backward(grad_out, q, k, v, bias, mask, params, needs_bias_grad=False)
     if out is None or lse is None:
-        out, lse = attention_triton(q, k, v, bias, mask, block_k=block_k, **kw)
-    q_ids, k_ids = (None, None) if segments is None else segments
+        out, lse = attention_triton(q, k, v, bias, mask, params)
     dq, dk, dv = torch.ops.fa_dynamo.attention_triton_backward(
-        grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band.min_offset, band.max_offset,
-        block_q, block_k, q_segments=q_ids, k_segments=k_ids, alibi_slopes=None if alibi is None else alibi.slopes,
-        zero_empty_rows=zero_empty_rows,
-    )
+        grad_out, q, k, v, bias, mask, out, lse, **params.op_arguments())
     return dq, dk, dv, None, None
 
 
@@ -405,10 +389,9 @@ def _backward_op(
     alibi_slopes: Optional[torch.Tensor] = None,
     zero_empty_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    band = Band(min_offset, max_offset)
-    segments = Segments.of(q_segments, k_segments)
-    return _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments,
-                     Alibi.of(alibi_slopes), zero_empty_rows)
+    params = AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k, q_segments,
+                                k_segments, alibi_slopes, zero_empty_rows)
+    return _backward(grad_out, q, k, v, bias, mask, out, lse, params)
 
 
 @_backward_op.register_fake
@@ -417,21 +400,20 @@ def _(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, min_offset,
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, band, block_q, block_k, segments, alibi,
-              zero_empty_rows):
+def _backward(grad_out, q, k, v, bias, mask, out, lse, params: AttentionParams):
     """The FA2 backward kernels: ``(dq, dk, dv)`` in the inputs' dtypes. Rows the kernels cannot
     serve (``unserved_rows``: rows with no visible key among them) go to the reference."""
-    kw = dict(scale=scale, softcap=softcap, fill=fill, band=band, block_q=block_q, segments=segments, alibi=alibi,
-              zero_empty_rows=zero_empty_rows)
     reason = unsupported_reason(q, v)
     if reason is not None or min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
         if reason is not None:
             warn_once(log, f"{reason}; using the reference backward instead")
-        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=False, **kw)[:3]
+        return attention_backward(grad_out, q, k, v, bias, mask, params, needs_bias_grad=False)[:3]
 
     batch, heads, num_q, _ = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
-    rows = unserved_rows(lse, fill, mask, band, num_k, segments).any(dim=0).any(dim=0).nonzero().flatten()
+    band, segments, alibi, softcap = params.band, params.segments, params.alibi, params.softcap
+    block_q, block_k = params.block_q, params.block_k
+    rows = unserved_rows(lse, mask, params, num_k).any(dim=0).any(dim=0).nonzero().flatten()
     delta = (grad_out.float() * out.float()).sum(-1)
     lse_k = lse.float().contiguous()
     if rows.numel():  # the reference serves these rows: their kernel contribution must be zero
@@ -449,9 +431,9 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
-    common = (heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, scale, softcap,
+    common = (heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, params.scale, softcap,
               _seq_class(num_q), _seq_class(num_k))
-    consts = _constexprs(q, v, bias, mask, softcap, band, segments, alibi)
+    consts = _constexprs(q, v, bias, mask, params)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bias_s, *mask_s, *seg_s, *slope_s)
     try:
         _launch(
@@ -468,14 +450,13 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, ban
         )
     except _RESOURCE_ERRORS as e:
         warn_once(log, f"no triton backward tile config fits this GPU ({type(e).__name__}); using the reference")
-        return attention_backward(grad_out, q, k, v, bias, mask, needs_bias_grad=False, **kw)[:3]
+        return attention_backward(grad_out, q, k, v, bias, mask, params, needs_bias_grad=False)[:3]
     if rows.numel():
-        _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, **kw)
+        _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, params)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scale, softcap, fill, band, block_q,
-                        segments, alibi, zero_empty_rows):
+def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, params: AttentionParams):
     """Add the reference's gradients of query rows ``rows`` (in place, fp32 buffers).
 
     The reference backward is autograd through ``reference_attention``; this is the same chain
@@ -485,18 +466,18 @@ def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, *, scal
     ``zero_empty_rows``, as ``_safe_softmax``'s backward gives).
     """
     num_kv_heads, keys = k.shape[1], torch.arange(k.shape[2], device=q.device)
+    scale, softcap = params.scale, params.softcap
     k_c, v_c = k.float().unsqueeze(2), v.float().unsqueeze(2)  # [B, Hkv, 1, Sk, D]
-    for idx in rows.split(block_q):
+    for idx in rows.split(params.block_q):
         q_r = q.index_select(2, idx)
-        seg_r = None if segments is None else segments.rows(idx)
-        s = masked_scores(q_r, k, idx, scale=scale, softcap=softcap, bias=rows_of(bias, idx),
-                          mask=rows_of(mask, idx), fill=fill, band=band, segments=seg_r,
-                          alibi=alibi)  # [B, Hkv, G, n, Sk]
-        p = torch.ops.aten._safe_softmax(s, -1) if zero_empty_rows else torch.softmax(s, dim=-1)
+        params_r = params.rows(idx)
+        seg_r = params_r.segments
+        s = masked_scores(q_r, k, idx, rows_of(bias, idx), rows_of(mask, idx), params_r)  # [B, Hkv, G, n, Sk]
+        p = torch.ops.aten._safe_softmax(s, -1) if params.zero_empty_rows else torch.softmax(s, dim=-1)
         do_r = group_heads(grad_out.index_select(2, idx).float(), num_kv_heads)
         dp = do_r @ v_c.transpose(-1, -2)
         ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-        hidden = band.hidden(idx, keys)
+        hidden = params.band.hidden(idx, keys)
         if mask is not None:
             hidden = hidden | group_heads(rows_of(mask, idx), num_kv_heads)
         if seg_r is not None:

@@ -48,10 +48,11 @@ from typing import Optional
 import torch
 
 from fa_dynamo.logs import warn_once
-from fa_dynamo.kernels.cpu import _recompute_unserved_rows
+from fa_dynamo.kernels.alibi import alibi_as_bias
+from fa_dynamo.kernels.cpu import recompute_unserved_rows
 from fa_dynamo.kernels.mask import Band
-from fa_dynamo.kernels.alibi import Alibi, alibi_as_bias
-from fa_dynamo.kernels.segments import Segments, segments_as_mask
+from fa_dynamo.kernels.params import AttentionParams
+from fa_dynamo.kernels.segments import segments_as_mask
 
 log = logging.getLogger(__name__)
 
@@ -146,25 +147,19 @@ def attention_xformers(
     v: torch.Tensor,
     bias: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
-    *,
-    scale: float,
-    softcap: float,
-    fill: float,
-    band: Band,
-    block_q: int,
-    block_k: int,
-    segments: Optional[Segments] = None,
-    alibi: Optional[Alibi] = None,
+    params: AttentionParams,
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Same contract as ``attention_cpu``, or None when xformers cannot serve the call (the
     caller then falls back; the reason is logged once). Segment ids reach xformers as part of
     the dense bias (``segments_as_mask``)."""
-    reason = unsupported_reason(q, k, v, softcap)
+    reason = unsupported_reason(q, k, v, params.softcap)
     if reason is not None:
         warn_once(log, f"{reason}; falling back from the xformers kernel")
         return None
-    mask = segments_as_mask(mask, segments, "xformers")
-    bias = alibi_as_bias(bias, alibi, q.shape[2], k.shape[2], "xformers")
+    mask = segments_as_mask(mask, params.segments, "xformers")
+    bias = alibi_as_bias(bias, params.alibi, q.shape[2], k.shape[2], "xformers")
+    params = params.replace(segments=None, alibi=None)  # now in the dense mask and bias
+    band = params.band
     batch, heads, num_q, _ = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
     if min(batch, heads, num_q, num_k) == 0:
@@ -187,10 +182,10 @@ def attention_xformers(
     else:
         attn_bias = getattr(fmha.attn_bias, name)(*args)
     out, lse = fmha.memory_efficient_attention_forward_requires_grad(
-        xq, xk, xv, attn_bias=attn_bias, p=0.0, scale=float(scale)
+        xq, xk, xv, attn_bias=attn_bias, p=0.0, scale=float(params.scale)
     )
     out = out.reshape(batch, num_q, heads, v.shape[-1]).transpose(1, 2).to(q.dtype).contiguous()
     lse = lse[..., :num_q].reshape(batch, heads, num_q).float()
     lse = lse.masked_fill(_dead_rows(band, bias, mask, q, k), float("-inf")).contiguous()
-    _recompute_unserved_rows(out, lse, q, k, v, bias, mask, scale, softcap, fill, band, block_q)
+    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
     return out, lse

@@ -41,7 +41,7 @@ the attention of chunk i+1 overlaps the all_reduce of chunk i (the paper's form)
                                        z = cat(wait(h_0), wait(h_1), ..., dim=1)
 
 Band offsets shift by each chunk's first row; biases, masks and segment ids with a query-row dim
-are sliced (``_query_row_args``). A chain that is not exactly that leaves the attention whole
+are sliced (``_query_row_arguments``). A chain that is not exactly that leaves the attention whole
 (the matmul is still tiled by token rows) and the log says why.
 """
 
@@ -62,7 +62,7 @@ from fa_dynamo import kernels as _kernels  # noqa: F401  (registers fa_dynamo::a
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes import allreduce_cost as cost
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
-from fa_dynamo.passes.matching import aten, describe, is_op, normalize_dim, val
+from fa_dynamo.passes.matching import aten, describe, is_op, normalize_dim, op_arguments, val
 
 log = logging.getLogger(__name__)
 c10d = torch.ops._c10d_functional
@@ -304,7 +304,7 @@ def _match_attention(site: _Site) -> Optional[_AttentionChain]:
     for n in nodes:
         if len(n.users) != 1:
             raise NotSplit(f"{n.name} on the way from the attention to the matmul is also read elsewhere")
-    relative = [name for name in _QUERY_RELATIVE if attention.kwargs.get(name) is not None]
+    relative = [name for name in _QUERY_RELATIVE if op_arguments(attention).get(name) is not None]
     if relative:
         raise NotSplit(f"the attention's {relative} count query rows from the call's first; a row slice would shift them")
     known = (*_QUERY_ROW_DIM, *_QUERY_OFFSETS, *_QUERY_INDEPENDENT, *_QUERY_RELATIVE)
@@ -343,7 +343,7 @@ def _same_sizes(a, b) -> bool:
 
 def _attention_rows(graph: fx.Graph, chain: _AttentionChain, start: Size, end: Size) -> fx.Node:
     """The matmul input for query rows ``[start, end)``: the attention of those rows, relaid out as before."""
-    node = graph.call_function(chain.attention.target, *_query_row_args(graph, chain.attention, start, end))
+    node = graph.call_function(chain.attention.target, (), _query_row_arguments(graph, chain.attention, start, end))
     rows = _arith(graph, operator.sub, end, start)
     row_dim = 2  # where the query rows are: [B, H, Sq, Dv] until the transpose, [B, Sq, ...] after it
     for old in chain.nodes:
@@ -359,29 +359,23 @@ def _attention_rows(graph: fx.Graph, chain: _AttentionChain, start: Size, end: S
     return node
 
 
-def _query_row_args(graph: fx.Graph, attention: fx.Node, start: Size, end: Size) -> tuple[tuple, dict]:
-    """``attention``'s args and kwargs, copied, with its per-query-row operands cut to ``[start, end)``.
+def _query_row_arguments(graph: fx.Graph, attention: fx.Node, start: Size, end: Size) -> dict:
+    """``attention``'s arguments by name, with its per-query-row operands cut to ``[start, end)``.
 
     A row slice of a band ``lo <= j - i <= hi`` (``i`` the query row) is the band shifted by
     ``start``: local row ``i' = i - start`` sees key ``j`` iff ``lo + start <= j - i' <= hi + start``
     (keys are not cut, so Sq != Sk needs nothing more). Operands that broadcast over the query rows
     (a dim of size 1) stay as they are.
     """
-    names = [a.name for a in attention.target._schema.arguments]
-    args, kwargs = list(attention.args), dict(attention.kwargs)
-    for i, name in enumerate(names):
-        value = args[i] if i < len(args) else kwargs.get(name)
+    kwargs = op_arguments(attention)
+    for name, value in kwargs.items():
         if value is None or name in _QUERY_INDEPENDENT:
             continue
         if name in _QUERY_OFFSETS:
-            value = _arith(graph, operator.add, value, start)
+            kwargs[name] = _arith(graph, operator.add, value, start)
         elif isinstance(value, fx.Node) and val(value).shape[_QUERY_ROW_DIM[name]] != 1:
-            value = graph.call_function(aten.slice.Tensor, (value, _QUERY_ROW_DIM[name], start, end))
-        if i < len(args):
-            args[i] = value
-        else:
-            kwargs[name] = value
-    return tuple(args), kwargs
+            kwargs[name] = graph.call_function(aten.slice.Tensor, (value, _QUERY_ROW_DIM[name], start, end))
+    return kwargs
 
 
 def _arith(graph: fx.Graph, fn, a: Any, b: Any) -> Any:
@@ -445,7 +439,7 @@ def _rewrite(graph: fx.Graph, site: _Site, chunks: int) -> None:
     lead = list(out.shape[:-1])
     with graph.inserting_before(mm):
         if attention is not None:  # chunks of query rows: [B, rows, H·Dv] inputs, cut along dim 1
-            q = attention.attention.args[0]
+            q = op_arguments(attention.attention)["q"]
             bounds = _bounds(graph, attention.seq, lambda: graph.call_function(aten.sym_size.int, (q, 2)), chunks)
             part_of = functools.partial(_attention_rows, graph, attention)
         else:  # chunks of token rows: [rows, K] inputs

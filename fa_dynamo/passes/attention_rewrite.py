@@ -257,13 +257,12 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
         fill = float("-inf") if site.fill is None else site.fill
         lo = None if site.band_lo is None else site.band_lo.emit(graph)
         hi = None if site.band_hi is None else site.band_hi.emit(graph)
-        op = graph.call_function(
-            torch.ops.fa_dynamo.attention.default,
-            (q, k, v, bias, mask, _emit_scale(graph, site), site.softcap, fill, lo, hi,
-             config.kernel, config.block_q, config.block_k),
-            {**_emit_segments(graph, site, segments, sizes, q, k), **_emit_alibi(graph, site, sizes, q, op_dtype),
-             **({"zero_empty_rows": True} if site.zero_empty_rows else {})},
-        )
+        op = graph.call_function(torch.ops.fa_dynamo.attention.default, (q, k, v), {
+            "bias": bias, "mask": mask, "scale": _emit_scale(graph, site), "softcap": site.softcap, "fill": fill,
+            "min_offset": lo, "max_offset": hi, "kernel": config.kernel, "block_q": config.block_q,
+            "block_k": config.block_k, **_emit_segments(graph, site, segments, sizes, q, k),
+            **_emit_alibi(graph, site, sizes, q, op_dtype), "zero_empty_rows": site.zero_empty_rows,
+        })
         out = graph.call_function(operator.getitem, (op, 0))
         if site.sink is not None:
             out = _with_sink(graph, op, out, site.sink, op_dtype)

@@ -27,6 +27,20 @@ def is_op(node: Any, *packets) -> bool:
     return any(packet is p or target is p for p in packets)
 
 
+def op_arguments(node: fx.Node) -> dict[str, Any]:
+    """A call of an op overload as ``{argument name: value}``, whether passed by position or by
+    name; arguments left out have their schema default."""
+    values = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+    return values
+
+
 def val(node: Any) -> Any:
     """The example value recorded for ``node`` (a FakeTensor, SymInt ...), or None."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None

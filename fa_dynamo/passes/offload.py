@@ -41,7 +41,7 @@ import torch.fx as fx
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.kernels import cooperative as _cooperative  # noqa: F401  (registers fa_dynamo::cooperative_attention)
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
-from fa_dynamo.passes.matching import aten, describe, is_op, normalize_dim, val
+from fa_dynamo.passes.matching import aten, describe, is_op, normalize_dim, op_arguments, val
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,14 @@ class OffloadPass(GraphPass):
 
 
 def _plan(node: fx.Node, config: FastAttentionConfig, budget_bytes: int) -> _Plan:
-    if node.kwargs.get("q_segments") is not None:
+    args = op_arguments(node)
+    if args["q_segments"] is not None:
         raise NotOffloaded("segment masks (packed sequences, chunked attention) are not served by cooperative attention yet")
-    if node.kwargs.get("alibi_slopes") is not None:
+    if args["alibi_slopes"] is not None:
         raise NotOffloaded("structural ALiBi is not served by cooperative attention yet")
-    if node.kwargs.get("zero_empty_rows"):
+    if args["zero_empty_rows"]:
         raise NotOffloaded("SDPA sites (0 for rows with no visible key) are not served by cooperative attention yet")
-    q, k, v = node.args[:3]
+    q, k, v = args["q"], args["k"], args["v"]
     k_src, v_src = _strip_repeat_kv(k), _strip_repeat_kv(v)
     if (k_src is k) == (v_src is v):  # both repeated (GQA without copies) or neither
         k, v = k_src, v_src
@@ -310,16 +311,18 @@ def _emit_run(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node:
 
 
 def _rewrite(graph: fx.Graph, node: fx.Node, plan: _Plan, budget_bytes: int, strategy: str, stage_bytes: int) -> None:
-    q, _k, _v, bias, mask, scale, softcap, fill, lo, hi, kernel, block_q, block_k = node.args
+    shared = ("q", "bias", "mask", "scale", "softcap", "fill", "min_offset", "max_offset", "kernel", "block_q",
+              "block_k")
+    args = op_arguments(node)
     with graph.inserting_before(node):
         k_host, v_host = _emit_run(graph, plan.k_host), _emit_run(graph, plan.v_host)
         k_dev = None if plan.k_device is None else _emit_run(graph, plan.k_device)
         v_dev = None if plan.v_device is None else _emit_run(graph, plan.v_device)
-        new = graph.call_function(
-            COOPERATIVE,
-            (q, k_dev, v_dev, k_host, v_host, bias, mask, scale, softcap, fill, lo, hi,
-             plan.host_first, budget_bytes, strategy, kernel, block_q, block_k, stage_bytes),
-        )
+        new = graph.call_function(COOPERATIVE, (), {
+            **{name: args[name] for name in shared}, "k_dev": k_dev, "v_dev": v_dev, "k_host": k_host,
+            "v_host": v_host, "host_first": plan.host_first, "budget_bytes": budget_bytes, "strategy": strategy,
+            "stage_bytes": stage_bytes,
+        })
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

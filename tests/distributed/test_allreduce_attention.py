@@ -1,6 +1,6 @@
 """The paper's form of tiling-AllReduce: fused attention → o_proj → all_reduce cut along the sequence.
 
-First, single-process: a query-row slice of the attention op (``_query_row_args``) computes exactly
+First, single-process: a query-row slice of the attention op (``_query_row_arguments``) computes exactly
 those rows of the whole op, for Sq != Sk, bands, per-query biases, broadcast masks and segment ids.
 Then on 2 gloo ranks: Megatron-style attention blocks compile to C attention ops and C all_reduces
 and match eager; near-misses keep the attention whole (the matmul is still tiled).
@@ -27,7 +27,7 @@ ATTENTION = "fa_dynamo.attention.default"
 
 def _rows_of_op(inputs: dict, params: dict, bounds: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(whole op's output, cat of the outputs of its query-row slices), both through one FX graph."""
-    from fa_dynamo.passes.allreduce import _query_row_args
+    from fa_dynamo.passes.allreduce import _query_row_arguments
 
     graph = fx.Graph()
     nodes = {}
@@ -41,7 +41,7 @@ def _rows_of_op(inputs: dict, params: dict, bounds: list) -> tuple[torch.Tensor,
                                 {"q_segments": nodes["q_segments"], "k_segments": nodes["k_segments"]})
     parts = []
     for start, end in bounds:
-        part = graph.call_function(whole.target, *_query_row_args(graph, whole, start, end))
+        part = graph.call_function(whole.target, (), _query_row_arguments(graph, whole, start, end))
         parts.append(graph.call_function(operator.getitem, (part, 0)))
     graph.output((graph.call_function(operator.getitem, (whole, 0)), graph.call_function(torch.cat, (parts, 2))))
     return fx.GraphModule({}, graph)(*[t for t in inputs.values() if t is not None])

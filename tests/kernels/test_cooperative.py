@@ -21,6 +21,8 @@ from torch.utils._pytree import tree_leaves
 import fa_dynamo
 from fa_dynamo.kernels import cooperative
 from fa_dynamo.kernels.cooperative import CostModel, choose_strategy, cooperative_attention, overrides
+from fa_dynamo.kernels.mask import Band
+from fa_dynamo.kernels.params import AttentionParams
 
 NEG_INF = float("-inf")
 
@@ -302,7 +304,7 @@ class LiveBytes(TorchDispatchMode):
 def _stream_peak(host_keys: int, stage_keys: int) -> tuple[int, int, int]:
     q, k, v, kw = _case(1, 8, 2, 2, host_keys + 16, 64, masks="causal")
     per_key = _per_key(k, v)
-    params = cooperative._Params(64 ** -0.5, 0.0, NEG_INF, None, kw["max_offset"], "cpu", 256, 512)
+    params = cooperative._Params(AttentionParams(64 ** -0.5, band=Band(None, kw["max_offset"])), "cpu")
     k_dev, v_dev, k_host, v_host = _split(k, v, host_keys, True)
     with LiveBytes() as mode:
         out, lse = cooperative.run_cooperative(q, k_dev, v_dev, k_host, v_host, None, None, params, host_first=True,

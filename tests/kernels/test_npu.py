@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fa_dynamo.kernels import npu
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.segments import Segments
 from tests.kernels.test_ops import _case, _check_accuracy
@@ -235,8 +236,9 @@ def test_prototypes_parse_to_the_documented_arguments():
 
 def _run(q, k, v, kw, scale, *, fill=float("-inf"), training=None):
     return npu.attention_npu(
-        q, k, v, kw.get("bias"), kw.get("mask"), scale=scale, softcap=0.0, fill=fill,
-        band=Band(kw.get("lo"), kw.get("hi")), block_q=16, block_k=16, training=training,
+        q, k, v, kw.get("bias"), kw.get("mask"),
+        AttentionParams(scale=scale, fill=fill, band=Band(kw.get("lo"), kw.get("hi")), block_q=16, block_k=16),
+        training=training,
     )
 
 
@@ -335,8 +337,8 @@ def test_compressed_mask_is_built_once_per_device(fake_npu):
 )
 def test_unserved_calls_fall_back_without_calling_torch_npu(fake_npu, what, shape, dtype, softcap):
     q, k, v, kw = _case(shape, dtype, "causal")
-    out, _ = npu.attention_npu(q, k, v, None, None, scale=0.3, softcap=softcap, fill=float("-inf"),
-                               band=Band(None, kw["hi"]), block_q=16, block_k=16)
+    out, _ = npu.attention_npu(q, k, v, None, None, AttentionParams(
+        scale=0.3, softcap=softcap, band=Band(None, kw["hi"]), block_q=16, block_k=16))
     _check_accuracy(out, q, k, v, kw, 0.3, softcap=softcap)
     assert fake_npu.calls == []
 
@@ -363,9 +365,8 @@ def test_sparse_plan(band, num_q, num_k, plan):
 def test_segments_reach_torch_npu_in_the_dense_mask(fake_npu):
     q, k, v, kw = _case((2, 4, 2, 24, 24, 32, 32), F16, "causal", seed=2)
     q_ids, k_ids = segment_ids("packed", 2, 24, 24, seed=3)
-    out, _ = npu.attention_npu(q, k, v, None, None, scale=0.2, softcap=0.0, fill=float("-inf"),
-                               band=Band(None, kw["hi"]), block_q=16, block_k=16, segments=Segments(q_ids, k_ids),
-                               training=False)
+    out, _ = npu.attention_npu(q, k, v, None, None, AttentionParams(
+        scale=0.2, band=Band(None, kw["hi"]), block_q=16, block_k=16, segments=Segments(q_ids, k_ids)), training=False)
     (_, args), = fake_npu.calls
     assert args["sparse_mode"] == 0
     _check_accuracy(out, q, k, v, {**kw, "mask": hidden_of(q_ids, k_ids)}, 0.2)

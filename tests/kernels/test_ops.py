@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import fa_dynamo
 from fa_dynamo.config import KERNELS
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.cpu import attention_cpu
 from fa_dynamo.kernels.mask import Band
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -232,8 +233,7 @@ def test_tiled_kernel_never_allocates_a_score_matrix(band):
     """Scratch is O(block_q × block_k): no tensor of Sq×Sk scale appears, for any band."""
     q, k, v = (torch.randn(1, 2, 2048, 32) for _ in range(3))
     with _LargestTensor() as mode:
-        attention_cpu(q, k, v, None, None, scale=0.2, softcap=0.0, fill=float("-inf"),
-                      band=Band(*band), block_q=128, block_k=128)
+        attention_cpu(q, k, v, None, None, AttentionParams(scale=0.2, band=Band(*band), block_q=128, block_k=128))
     assert mode.largest <= q.numel(), f"largest intermediate has {mode.largest} elements"
 
 

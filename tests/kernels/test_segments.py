@@ -9,6 +9,7 @@ import torch
 
 import fa_dynamo
 from fa_dynamo.kernels import cpu
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.mask import Band, TileKind
 from fa_dynamo.kernels.segments import Segments, SegmentTiles, segments_as_mask
 from tests.kernels.test_ops import _LargestTensor, _case, _check_accuracy, eager_attention
@@ -157,8 +158,8 @@ def test_packed_tiles_are_skipped_and_no_score_matrix_is_allocated(monkeypatch):
 
     monkeypatch.setattr(cpu._Problem, "segment", record)
     with _LargestTensor() as mode:
-        out, _ = cpu.attention_cpu(q, k, v, None, None, scale=0.2, softcap=0.0, fill=float("-inf"),
-                                   band=Band(None, 0), block_q=128, block_k=128, segments=Segments(ids, ids))
+        out, _ = cpu.attention_cpu(q, k, v, None, None, AttentionParams(
+            scale=0.2, band=Band(None, 0), block_q=128, block_k=128, segments=Segments(ids, ids)))
     assert mode.largest <= q.numel(), f"largest intermediate has {mode.largest} elements"
     assert sum(visited) == 8 * 3 * 128 * 128  # the causal 2×2-tile triangle of each 256-token block
     ref = eager_attention(q.double(), k.double(), v.double(), scale=0.2, hi=0, mask=hidden_of(ids, ids)[0, 0])

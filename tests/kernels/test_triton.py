@@ -28,6 +28,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from fa_dynamo.kernels import triton_attention, triton_backward, triton_configs  # noqa: E402
 from fa_dynamo.kernels.alibi import Alibi  # noqa: E402
 from fa_dynamo.kernels.mask import Band, TileKind  # noqa: E402
+from fa_dynamo.kernels.params import AttentionParams  # noqa: E402
 from fa_dynamo.kernels.segments import Segments  # noqa: E402
 from tests.kernels.test_alibi import _slopes, dense_alibi  # noqa: E402
 from tests.kernels.test_ops import _case, _check_accuracy, eager_attention  # noqa: E402
@@ -49,8 +50,9 @@ def _dev(t):
 def _run(q, k, v, kw, scale, *, softcap=0.0, fill=float("-inf"), block_q=16, block_k=16):
     """``attention_triton`` on DEVICE; results back on the CPU."""
     out, lse = attention_triton(
-        _dev(q), _dev(k), _dev(v), _dev(kw.get("bias")), _dev(kw.get("mask")), scale=scale, softcap=softcap,
-        fill=fill, band=Band(kw.get("lo"), kw.get("hi")), block_q=block_q, block_k=block_k,
+        _dev(q), _dev(k), _dev(v), _dev(kw.get("bias")), _dev(kw.get("mask")), AttentionParams(
+            scale=scale, softcap=softcap, fill=fill, band=Band(kw.get("lo"), kw.get("hi")), block_q=block_q,
+            block_k=block_k),
     )
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
     return out.cpu(), lse.cpu()
@@ -106,11 +108,11 @@ def test_keys_in_empty_tiles_are_never_read():
     unchanged. (The op then recomputes every row by the reference, which, like eager, gives NaN:
     0 · NaN in p·v.)"""
     q, k, v, _ = _case((1, 2, 1, 32, 128, 16, 16), masks="none")
-    kw = dict(scale=0.25, softcap=0.0, band=Band(-8, 0), block_q=16, block_k=16)
-    clean, _ = triton_attention._forward(*map(_dev, (q, k, v)), None, None, **kw)
+    params = AttentionParams(scale=0.25, band=Band(-8, 0), block_q=16, block_k=16)
+    clean, _ = triton_attention._forward(*map(_dev, (q, k, v)), None, None, params)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 32:], v2[:, :, 32:] = float("nan"), float("nan")
-    poisoned, _ = triton_attention._forward(*map(_dev, (q, k2, v2)), None, None, **kw)
+    poisoned, _ = triton_attention._forward(*map(_dev, (q, k2, v2)), None, None, params)
     assert not clean.isnan().any() and torch.equal(clean, poisoned)
 
 
@@ -230,8 +232,9 @@ def test_backward_matches_float64(shape, masks, dtype, extra):
     go = torch.randn(shape[0], shape[1], shape[3], shape[6]).to(dtype)
     band = Band(kw.get("lo"), kw.get("hi"))
     ours = attention_triton_backward(
-        *map(_dev, (go, q, k, v, kw.get("bias"), kw.get("mask"))), scale=scale, softcap=extra.get("softcap", 0.0),
-        fill=extra.get("fill", float("-inf")), band=band, block_q=16, block_k=16, needs_bias_grad=False,
+        *map(_dev, (go, q, k, v, kw.get("bias"), kw.get("mask"))), AttentionParams(
+            scale=scale, softcap=extra.get("softcap", 0.0), fill=extra.get("fill", float("-inf")), band=band,
+            block_q=16, block_k=16), needs_bias_grad=False,
     )[:3]
     ours = [g.cpu() for g in ours]
     kw64 = {**kw, **({"bias": kw["bias"].double()} if "bias" in kw else {})}
@@ -250,8 +253,7 @@ def test_backward_with_bias_gradient_uses_the_reference():
     q, k, v, kw = _case((1, 2, 2, 20, 20, 16, 16), masks="bias")
     go = torch.randn(1, 2, 20, 16)
     *grads, dbias, dslopes = attention_triton_backward(
-        *map(_dev, (go, q, k, v, kw["bias"])), None, scale=0.25, softcap=0.0, fill=float("-inf"), band=Band(),
-        block_q=16, needs_bias_grad=True,
+        *map(_dev, (go, q, k, v, kw["bias"])), None, AttentionParams(scale=0.25, block_q=16), needs_bias_grad=True,
     )
     assert dbias is not None and dbias.shape == kw["bias"].shape
     assert dslopes is None
@@ -272,14 +274,13 @@ def test_segments_forward_and_backward_match_float64(layout, shape, masks, dtype
     segments = Segments(_dev(q_ids), _dev(k_ids))
     scale = shape[5] ** -0.5
     band = Band(kw.get("lo"), kw.get("hi"))
-    out, _ = attention_triton(_dev(q), _dev(k), _dev(v), None, None, scale=scale, softcap=0.0, fill=float("-inf"),
-                              band=band, block_q=16, block_k=16, segments=segments)
+    params = AttentionParams(scale=scale, band=band, block_q=16, block_k=16, segments=segments)
+    out, _ = attention_triton(_dev(q), _dev(k), _dev(v), None, None, params)
     dense = {**kw, "mask": hidden_of(q_ids, k_ids)}
     _check_accuracy(out.cpu(), q, k, v, dense, scale)
     go = torch.randn(out.shape).to(dtype)
     ours = attention_triton_backward(
-        *map(_dev, (go, q, k, v)), None, None, scale=scale, softcap=0.0, fill=float("-inf"), band=band,
-        block_q=16, block_k=16, needs_bias_grad=False, segments=segments,
+        *map(_dev, (go, q, k, v)), None, None, params, needs_bias_grad=False,
     )[:3]
     ref = _grads(q.double(), k.double(), v.double(), dense, go.double(), scale)
     same = _grads(q, k, v, dense, go, scale)
@@ -297,11 +298,11 @@ def test_tiles_of_other_segments_are_never_read():
     q, k, v, _ = _case((1, 2, 1, 64, 64, 16, 16), masks="none", seed=1)
     ids = torch.arange(64).div(32, rounding_mode="floor")[None]  # two packed sequences of 32
     segments = Segments(_dev(ids), _dev(ids))
-    kw = dict(scale=0.25, softcap=0.0, band=Band(), block_q=16, block_k=16, segments=segments)
-    clean, lse = triton_attention._forward(*map(_dev, (q, k, v)), None, None, **kw)
+    params = AttentionParams(scale=0.25, block_q=16, block_k=16, segments=segments)
+    clean, lse = triton_attention._forward(*map(_dev, (q, k, v)), None, None, params)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 40:], v2[:, :, 40:] = float("nan"), float("nan")  # keys of the second sequence
-    poisoned, _ = triton_attention._forward(*map(_dev, (q, k2, v2)), None, None, **kw)
+    poisoned, _ = triton_attention._forward(*map(_dev, (q, k2, v2)), None, None, params)
     assert not clean.isnan().any()
     assert torch.equal(clean[:, :, :32], poisoned[:, :, :32])
     go = _dev(torch.randn(clean.shape))
@@ -352,16 +353,15 @@ def test_alibi_forward_and_backward_match_float64(shape, masks, dtype, form):
     slopes = _slopes(shape[0], shape[1], form)
     alibi = Alibi(_dev(slopes if slopes.dim() == 2 else slopes[None]))
     scale, band = shape[5] ** -0.5, Band(kw.get("lo"), kw.get("hi"))
-    out, _ = attention_triton(_dev(q), _dev(k), _dev(v), _dev(kw.get("bias")), _dev(kw.get("mask")), scale=scale,
-                              softcap=0.0, fill=float("-inf"), band=band, block_q=16, block_k=16, alibi=alibi)
+    params = AttentionParams(scale=scale, band=band, block_q=16, block_k=16, alibi=alibi)
+    out, _ = attention_triton(_dev(q), _dev(k), _dev(v), _dev(kw.get("bias")), _dev(kw.get("mask")), params)
     bias = dense_alibi(slopes, shape[3], shape[4]) + (kw["bias"].float() if "bias" in kw else 0)
     dense = {**kw, "bias": bias.to(dtype)}
     _check_accuracy(out.cpu(), q, k, v, {**dense, "bias": bias.double() if dtype == torch.float64 else dense["bias"]},
                     scale)
     go = torch.randn(out.shape).to(dtype)
     ours = attention_triton_backward(
-        *map(_dev, (go, q, k, v, kw.get("bias"), kw.get("mask"))), scale=scale, softcap=0.0, fill=float("-inf"),
-        band=band, block_q=16, block_k=16, needs_bias_grad=False, alibi=alibi,
+        *map(_dev, (go, q, k, v, kw.get("bias"), kw.get("mask"))), params, needs_bias_grad=False,
     )[:3]
     ref = _grads(q.double(), k.double(), v.double(), {**kw, "bias": bias.double()}, go.double(), scale)
     same = _grads(q, k, v, dense, go, scale)
@@ -410,8 +410,8 @@ def test_backward_op_opcheck():
     """The backward kernels run inside fa_dynamo::attention_triton_backward (fake impl, schema)."""
     q, k, v, kw = _case((1, 4, 2, 19, 23, 16, 16), masks="causal+mask")
     q, k, v, mask = (_dev(t) for t in (q, k, v, kw["mask"]))
-    out, lse = attention_triton(q, k, v, None, mask, scale=0.3, softcap=0.0, fill=float("-inf"),
-                                band=Band(None, kw["hi"]), block_q=16, block_k=16)
+    out, lse = attention_triton(q, k, v, None, mask, AttentionParams(scale=0.3, band=Band(None, kw["hi"]), block_q=16,
+                                                                     block_k=16))
     go = torch.randn_like(out)
     args = (go, q, k, v, None, mask, out, lse, 0.3, 0.0, float("-inf"), None, kw["hi"], 16, 16)
     torch.library.opcheck(torch.ops.fa_dynamo.attention_triton_backward.default, args)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fa_dynamo.kernels import xformers_dispatch as xd
+from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.segments import Segments
@@ -31,8 +32,8 @@ from tests.kernels.test_segments import hidden_of, segment_ids
 
 def _run(q, k, v, kw, scale, fill=float("-inf"), softcap=0.0):
     return xd.attention_xformers(
-        q, k, v, kw.get("bias"), kw.get("mask"), scale=scale, softcap=softcap, fill=fill,
-        band=Band(kw.get("lo"), kw.get("hi")), block_q=16, block_k=16,
+        q, k, v, kw.get("bias"), kw.get("mask"), AttentionParams(
+            scale=scale, softcap=softcap, fill=fill, band=Band(kw.get("lo"), kw.get("hi")), block_q=16, block_k=16),
     )
 
 
@@ -74,7 +75,7 @@ def test_mapping_and_results(fake_xformers, name):
     # lse against float64 dense math
     bias64 = kw["bias"].double() if "bias" in kw else None
     _, ref_lse = reference_attention(q.double(), k.double(), v.double(), bias64, kw.get("mask"),
-                                     scale=scale, softcap=0.0, fill=float("-inf"), band=Band(lo, hi))
+                                     AttentionParams(scale=scale, band=Band(lo, hi)))
     assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     tol = 1e-4 if dtype == F32 else 2e-2
@@ -126,7 +127,7 @@ def test_segments_reach_xformers_as_a_dense_bias(fake_xformers):
     """No BlockDiagonalMask mapping yet: segment ids are materialized by the shared fallback."""
     q, k, v, kw = _case((2, 4, 2, 20, 20, 16, 16), F32, "causal", seed=4)
     q_ids, k_ids = segment_ids("packed", 2, 20, 20, seed=6)
-    out, _ = xd.attention_xformers(q, k, v, None, None, scale=0.25, softcap=0.0, fill=float("-inf"),
-                                   band=Band(None, kw["hi"]), block_q=16, block_k=16, segments=Segments(q_ids, k_ids))
+    out, _ = xd.attention_xformers(q, k, v, None, None, AttentionParams(
+        scale=0.25, band=Band(None, kw["hi"]), block_q=16, block_k=16, segments=Segments(q_ids, k_ids)))
     assert isinstance(fake_xformers[-1]["attn_bias"], torch.Tensor)
     _check_accuracy(out, q, k, v, {**kw, "mask": hidden_of(q_ids, k_ids)}, 0.25)

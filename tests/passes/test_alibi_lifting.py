@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import ATTENTION_OP, Compiled, assert_same_as_eager
 from tests.fuzz.harness import compare
+from fa_dynamo.passes.matching import op_arguments
 
 SQ = SK = 37
 HEADS = 4
@@ -112,10 +113,10 @@ def test_alibi_spellings(program, lifted, dtype):
             exact64="torch.finfo(" not in inspect.getsource(program))
     ops = _ops(compiled)
     assert len(ops) == 1
-    slopes = ops[0].kwargs.get("alibi_slopes")
+    slopes = op_arguments(ops[0])["alibi_slopes"]
     assert (slopes is not None) == lifted
     if lifted:
-        assert ops[0].args[3] is None, "no dense bias beside the slopes"
+        assert op_arguments(ops[0])["bias"] is None, "no dense bias beside the slopes"
         assert not _square(compiled, SQ, SK), "an Sq×Sk tensor is left in the compiled graph"
 
 
@@ -163,4 +164,4 @@ def test_terms_are_settled_one_by_one():
     compiled = Compiled(two_terms_one_kept)
     assert_same_as_eager(compiled(q, k, v), two_terms_one_kept(q, k, v))
     op, = _ops(compiled)
-    assert op.kwargs.get("alibi_slopes") is not None and op.args[3] is not None
+    assert op_arguments(op)["alibi_slopes"] is not None and op_arguments(op)["bias"] is not None

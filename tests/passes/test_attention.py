@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import Compiled, assert_same_as_eager
+from fa_dynamo.passes.matching import op_arguments
 
 aten = torch.ops.aten
 NEG_INF = float("-inf")
@@ -147,7 +148,7 @@ def test_in_graph_mask_is_lifted_to_a_band(fn, sq, sk):
     assert compiled.fused == 1
     (_, after), = compiled.backend.graphs
     op = next(n for n in after.graph.nodes if n.target is torch.ops.fa_dynamo.attention.default)
-    assert op.args[3] is None and op.args[4] is None, "the mask should be a band, not a tensor"
+    assert op_arguments(op)["bias"] is None and op_arguments(op)["mask"] is None, "the mask should be a band, not a tensor"
     big = [n for n in after.graph.nodes if "val" in n.meta and isinstance(n.meta["val"], torch.Tensor)
            and n.meta["val"].numel() >= sq * sk and n.op == "call_function" and n.target is not op.target
            and n.meta["val"].shape[-2:] == (sq, sk)]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fa_dynamo.passes.matching import op_arguments
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.passes.mask_lifting import lift_hidden_set
 from fa_dynamo.passes.mask_segments import lift_segments
@@ -142,4 +143,4 @@ def test_two_segment_equalities_become_one():
     compiled = Compiled(program)
     assert_same_as_eager(compiled(q, k, v, doc), program(q, k, v, doc))
     ops = [n for _, gm in compiled.backend.graphs for n in gm.graph.nodes if n.target is ATTENTION_OP]
-    assert len(ops) == 1 and ops[0].kwargs.get("q_segments") is not None and ops[0].args[4] is None
+    assert len(ops) == 1 and op_arguments(ops[0])["q_segments"] is not None and op_arguments(ops[0])["mask"] is None

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 from tests.models.corpus import SEQ, WINDOW, build_case  # noqa: E402
 from tests.models.measure import ATTENTION_OP, measure_fastattention  # noqa: E402
+from fa_dynamo.passes.matching import op_arguments
 
 
 def _square(node) -> bool:
@@ -31,8 +32,8 @@ def test_segments_replace_the_square_mask(family, case, with_segments):
     torch.testing.assert_close(m.actual[m.valid], m.expected[m.valid], atol=1e-4, rtol=1e-4)
     assert m.fused == m.sites == 2
     ops = [n for gm in m.afters for n in gm.graph.nodes if n.target is ATTENTION_OP]
-    assert sum(n.kwargs.get("q_segments") is not None for n in ops) == with_segments
-    assert all(n.args[9] == 0 for n in ops), "the causal band is lifted"
+    assert sum(op_arguments(n)["q_segments"] is not None for n in ops) == with_segments
+    assert all(op_arguments(n)["max_offset"] == 0 for n in ops), "the causal band is lifted"
     squares = [n.format_node() for gm in m.afters for n in gm.graph.nodes if _square(n)]
     assert not squares, f"Sq×Sk tensors left in the compiled graph: {squares}"
 
@@ -47,7 +48,7 @@ def test_mpt_alibi_reaches_the_op_as_slopes(case):
     torch.testing.assert_close(m.actual[m.valid], m.expected[m.valid], atol=1e-4, rtol=1e-4)
     assert m.fused == m.sites == 2
     ops = [n for gm in m.afters for n in gm.graph.nodes if n.target is ATTENTION_OP]
-    assert all(n.kwargs.get("alibi_slopes") is not None and n.args[3] is None for n in ops)
+    assert all(op_arguments(n)["alibi_slopes"] is not None and op_arguments(n)["bias"] is None for n in ops)
 
 
 @pytest.mark.parametrize("case", ["nopad", "pad_left", "decode_pad_left"])
@@ -63,6 +64,6 @@ def test_sdpa_sliding_window_is_a_band(case):
     assert m.fused == m.sites == len(ops) == 2
     # decode: the sliding-window cache holds the last WINDOW keys, all visible to the new token
     lo = 0 if case.startswith("decode") else -(WINDOW - 1)
-    assert all(n.args[8] == lo for n in ops), [n.args[8:10] for n in ops]
+    assert all(op_arguments(n)["min_offset"] == lo for n in ops), [(op_arguments(n)["min_offset"], op_arguments(n)["max_offset"]) for n in ops]
     squares = [n.format_node() for gm in m.afters for n in gm.graph.nodes if _square(n)]
     assert not squares, f"Sq×Sk tensors left in the compiled graph: {squares}"

@@ -16,6 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fa_dynamo.passes.matching import op_arguments
 from fa_dynamo import FastAttentionBackend, resolve_config
 from fa_dynamo.kernels import cooperative
 from fa_dynamo.passes.manager import run_passes
@@ -135,12 +136,13 @@ def test_rewritten_graph(host_shares):
     with torch.no_grad():
         assert_same_as_eager(compiled(*args), model(*args))
     (node,) = _cooperative_nodes(compiled)
-    q, k_dev, v_dev, k_host, v_host = node.args[:5]
+    call = op_arguments(node)
+    k_dev, k_host, v_host = call["k_dev"], call["k_host"], call["v_host"]
     assert k_host.op == v_host.op == "placeholder" and k_host is not v_host
     assert k_dev.meta["val"].shape == (1, KV_HEADS, 2, HEAD_DIM)  # the new keys, not repeated
-    host_first, budget, strategy, _kernel, _bq, _bk, stage = node.args[12:]
-    assert (host_first, budget, strategy, stage) == (True, 0, "auto", 0)
-    assert node.args[9:12] == (torch.finfo(torch.float32).min, None, 30)  # fill and band: max_offset = Sk - Sq
+    assert [call[n] for n in ("host_first", "budget_bytes", "strategy", "stage_bytes")] == [True, 0, "auto", 0]
+    # fill and band: max_offset = Sk - Sq
+    assert [call[n] for n in ("fill", "min_offset", "max_offset")] == [torch.finfo(torch.float32).min, None, 30]
     after = compiled.backend.graphs[0][1]
     assert not any(n.target is aten.cat.default for n in after.graph.nodes), "the KV was still gathered"
     assert host_shares == [(0, 30)]
@@ -158,7 +160,7 @@ def test_auto_budget_sets_the_split_point(host_shares):
     with torch.no_grad():
         assert_same_as_eager(compiled(*args), model(*args))
     (node,) = _cooperative_nodes(compiled)
-    assert node.args[13] == 1 << 20
+    assert op_arguments(node)["budget_bytes"] == 1 << 20
     device_keys = (1 << 20) // PER_KEY
     assert host_shares == [(0, 3001 - device_keys)]
 
@@ -223,7 +225,7 @@ def test_cache_after_the_new_keys(host_shares):
         # a causal band over [new | past] hides most of the past from the new rows: a real check of the shifted offsets
         assert_same_as_eager(compiled(*args), model(*args))
     (node,) = _cooperative_nodes(compiled)
-    assert node.args[12] is False
+    assert op_arguments(node)["host_first"] is False
     assert host_shares == [(3, 25)]
 
 
@@ -237,7 +239,7 @@ def test_whole_kv_on_the_host(host_shares):
     compiled = Compiled(cross, {"offload": "on"})
     assert_same_as_eager(compiled(q, k, v), cross(q, k, v))
     (node,) = _cooperative_nodes(compiled)
-    assert node.args[1] is None and node.args[2] is None
+    assert op_arguments(node)["k_dev"] is None and op_arguments(node)["v_dev"] is None
     assert host_shares == [(0, 33)]
 
 
@@ -251,7 +253,7 @@ def test_dynamic_shapes_one_graph_for_every_cache_length(host_shares):
             assert_same_as_eager(compiled(*args), model(*args))
     assert len(compiled.backend.graphs) == 1
     (node,) = _cooperative_nodes(compiled)
-    assert node.args[3].meta["val"].shape[1] == KV_HEADS  # GQA reaches the op without repeat
+    assert op_arguments(node)["k_host"].meta["val"].shape[1] == KV_HEADS  # GQA reaches the op without repeat
     assert host_shares == [(0, 17), (0, 18), (0, 50)]
 
 
@@ -308,10 +310,10 @@ def test_inputs_split_between_host_and_device(monkeypatch, host_shares, heads, k
     compiled = Compiled(split_attention)
     assert_same_as_eager(compiled(*args), split_attention(*args))
     (node,) = _cooperative_nodes(compiled)
-    shares = node.args[1:5]
+    shares = [op_arguments(node)[n] for n in ("k_dev", "v_dev", "k_host", "v_host")]
     assert all(n.op == "placeholder" for n in shares)  # no cat, no repeat left: the inputs themselves
     assert [n.meta["val"].shape[1:3] for n in shares] == [(kv_heads, dev_keys)] * 2 + [(kv_heads, host_keys)] * 2
-    assert node.args[12] is True and host_shares == [(0, host_keys)]
+    assert op_arguments(node)["host_first"] is True and host_shares == [(0, host_keys)]
 
 
 # --- near-misses ----------------------------------------------------------------------------------
@@ -378,9 +380,10 @@ def test_host_tensor_copied_to_the_device_is_rewritten_structurally():
         gm = make_fx(layer, pre_dispatch=True, tracing_mode="fake")(*args)
         run_passes(gm, resolve_config({"strict": True, "offload": "on"}, environ={}))
         (node,) = [n for n in gm.graph.nodes if n.target is COOPERATIVE_OP]
-        q, k_dev, v_dev, k_host, v_host = node.args[:5]
+        call = op_arguments(node)
+        k_dev, k_host = call["k_dev"], call["k_host"]
         assert k_host.op == "placeholder" and k_host.meta["val"].device.type == "cpu"
-        assert k_dev.meta["val"].device.type == "cuda" and node.args[12] is True
+        assert k_dev.meta["val"].device.type == "cuda" and call["host_first"] is True
         to_cuda = [n for n in gm.graph.nodes if n.target is aten.to.dtype_layout and n.kwargs.get("device") == cuda]
         assert to_cuda == [], "the cache is still copied to the device"
         out = make_fx(gm, tracing_mode="fake")(*args)(*args)

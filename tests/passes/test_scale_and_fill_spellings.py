@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import ATTENTION_OP, Compiled, assert_same_as_eager
+from fa_dynamo.passes.matching import op_arguments
 
 S = 29
 
@@ -78,8 +79,8 @@ def test_fused(program, with_bias, band, dtype):
     compiled = Compiled(program)
     assert_same_as_eager(compiled(*args), program(*args))
     op, = _ops(compiled)
-    assert (op.args[9] is not None) == band, "the causal mask is lifted to a band (no S×S tensor)"
-    assert op.args[4] is None
+    assert (op_arguments(op)["max_offset"] is not None) == band, "the causal mask is lifted to a band (no S×S tensor)"
+    assert op_arguments(op)["mask"] is None
 
 
 @pytest.mark.parametrize("program, with_bias", [(negative_scale_after_mask, False), (per_element_tensor_scale, True)])
@@ -105,4 +106,4 @@ def test_zeroed_baddbmm_and_tensor_scale_after_a_bias():
     compiled = Compiled(zeroed_baddbmm_then_tensor_scale)
     assert_same_as_eager(compiled(*args), zeroed_baddbmm_then_tensor_scale(*args))
     op, = _ops(compiled)
-    assert op.args[3] is not None  # the bias, divided by t
+    assert op_arguments(op)["bias"] is not None  # the bias, divided by t

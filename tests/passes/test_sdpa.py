@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.conftest import ATTENTION_OP, Compiled, assert_same_as_eager
+from fa_dynamo.passes.matching import op_arguments
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -69,8 +70,8 @@ def test_is_causal_becomes_a_band_not_a_mask():
     q, k, v = _qkv()
     c, _ = _fused_once(CASES["causal, fewer queries"], q, k, v)
     (op,) = _ops(c)
-    assert op.args[3] is None and op.args[4] is None, "a causal mask tensor reached the op"
-    assert (op.args[8], op.args[9]) == (None, 0), "top-left causal is the band j - i <= 0"
+    assert op_arguments(op)["bias"] is None and op_arguments(op)["mask"] is None, "a causal mask tensor reached the op"
+    assert (op_arguments(op)["min_offset"], op_arguments(op)["max_offset"]) == (None, 0), "top-left causal is the band j - i <= 0"
 
 
 @pytest.mark.parametrize("kind", ["bool", "float", "bool + is_causal"])
@@ -252,7 +253,7 @@ def test_nanogpt_causal_self_attention():
     with torch.no_grad():
         assert_same_as_eager(out, model(x))
     (op,) = _ops(c)
-    assert op.args[4] is None and op.args[9] == 0
+    assert op_arguments(op)["mask"] is None and op_arguments(op)["max_offset"] == 0
 
 
 def test_timm_vit_attention_without_mask():
@@ -286,4 +287,4 @@ def test_cross_attention_with_key_padding():
     c, out = _fused_once(fn, q, k, v, padding)
     assert_same_as_eager(out, fn(q, k, v, padding))
     (op,) = _ops(c)
-    assert tuple(op.args[4].meta["val"].shape[-2:]) == (1, S), "the key padding reached the op as an S×S mask"
+    assert tuple(op_arguments(op)["mask"].meta["val"].shape[-2:]) == (1, S), "the key padding reached the op as an S×S mask"

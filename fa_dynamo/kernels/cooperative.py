@@ -276,10 +276,10 @@ def _(q, k_dev, v_dev, k_host, v_host, bias, mask, scale, softcap, fill, min_off
 
 def _setup_context(ctx, inputs, output):
     (q, k_dev, v_dev, k_host, v_host, bias, mask, scale, softcap, fill, lo, hi, host_first,
-     _budget, _strategy, _kernel, block_q, _block_k, _stage) = inputs
+     _budget, _strategy, _kernel, block_q, block_k, _stage) = inputs
     ctx.save_for_backward(q, k_dev, v_dev, k_host, v_host, bias, mask)
     ctx.host_first = host_first
-    ctx.params = AttentionParams.of(scale, softcap, fill, lo, hi, block_q, _block_k)
+    ctx.params = AttentionParams.of(scale, softcap, fill, lo, hi, block_q, block_k)
     ctx.mark_non_differentiable(output[1])
 
 

@@ -9,7 +9,7 @@ two *shares*, contiguous along the key axis::
 Each share is attended to separately with ``fa_dynamo::attention`` (the existing op and kernels,
 nothing copied): a share covering keys ``[k0, k1)`` sees the band offsets shifted by ``k0``
 (key ``j`` of the share is key ``k0 + j`` of the whole) and the key slice ``[k0, k1)`` of a dense
-bias/mask. The partial results are merged exactly through their log-sum-exps (``cpu._merge``).
+bias/mask. The partial results are merged exactly through their log-sum-exps (``exactness.merge_by_lse``).
 The host share is served in one of two ways:
 
 * ``host``: computed by the host cores (the CPU kernel) on a worker thread, concurrently with
@@ -47,7 +47,7 @@ from typing import Iterator, Optional
 import torch
 
 from fa_dynamo.kernels.backward import attention_backward
-from fa_dynamo.kernels.cpu import _NEGLIGIBLE_LOG, _merge
+from fa_dynamo.kernels.exactness import fill_counts, merge_by_lse
 from fa_dynamo.kernels.mask import TileKind
 from fa_dynamo.kernels.ops import check_inputs
 from fa_dynamo.kernels.params import AttentionParams
@@ -439,7 +439,7 @@ def merge_running(parts: list, dtype: torch.dtype):
     ct = compute_dtype(dtype)
     for out, lse in parts:
         out = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, out.to(ct))
-        acc, acc_lse = _merge(acc, acc_lse, out, lse)
+        acc, acc_lse = merge_by_lse(acc, acc_lse, out, lse)
     return acc, acc_lse
 
 
@@ -464,7 +464,7 @@ def _recompute_fill_rows(out, lse, q, shares, bias, mask, params: _Params):
     the ones ``fa_dynamo.attention``'s CPU kernel also recomputes — are recomputed by the
     reference over the whole KV gathered in host memory (q, bias and mask rows copied over).
     Decode rows, and every row under a ``-inf`` fill, never come here. (Same recompute as the
-    CPU kernel's, with the test written so that it still works at ``|fill| ~ 1e38``.)
+    CPU kernel's: ``exactness.fill_counts``.)
     """
     whole = params.attention
     if not math.isfinite(whole.fill) or (mask is None and whole.band.is_unbounded):
@@ -473,10 +473,7 @@ def _recompute_fill_rows(out, lse, q, shares, bias, mask, params: _Params):
     num_keys = sum(s.num_keys for s in shares)
     if num_keys == 0:
         return out, lse
-    # fill > lse + log(eps) - log(Sk), written as a difference: at |fill| ~ 1e38 only the
-    # difference (exact when lse ≈ fill) still tells "the fill counts" from "it is negligible".
-    gap = lse.double() - whole.fill
-    rows = (torch.isneginf(lse) | (gap < math.log(num_keys) - _NEGLIGIBLE_LOG)).flatten(0, 1).any(0).nonzero().flatten()
+    rows = (torch.isneginf(lse) | fill_counts(lse, whole.fill, num_keys)).flatten(0, 1).any(0).nonzero().flatten()
     if rows.numel() == 0:
         return out, lse
     cpu = torch.device("cpu")

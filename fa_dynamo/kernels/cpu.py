@@ -14,8 +14,9 @@ kernel, without copies. Softcapping, value head dims unlike the query's, and flo
 (which ATen's kernel does not compute to float64 accuracy) use GEMM tiles instead.
 
 Rows the fast path cannot serve exactly — rows that see no key at all (eager gives NaN for
-``-inf`` fills, a uniform average for finite fills) and rows where a finite fill value is not
-negligible — are detected from the log-sum-exp and recomputed by the reference, row by row.
+``-inf`` fills, a uniform average for finite fills), rows where a finite fill value is not
+negligible, NaN the kernel did not read — are found from the log-sum-exp and the output, and
+recomputed by the reference (``exactness.py``); each path says which keys it did not read.
 """
 
 from __future__ import annotations
@@ -25,22 +26,15 @@ from typing import Optional
 
 import torch
 
-from fa_dynamo.kernels.alibi import Alibi
+from fa_dynamo.kernels.exactness import merge_by_lse, recompute_unserved_rows
 from fa_dynamo.kernels.gqa_packing import packed_attention, packs
 from fa_dynamo.kernels.mask import Band, TileKind, dense_tile_kind
 from fa_dynamo.kernels.params import AttentionParams
-from fa_dynamo.kernels.reference import masked_scores, reference_attention, rows_of
+from fa_dynamo.kernels.reference import masked_scores, reference_attention
 from fa_dynamo.kernels.segments import SegmentTiles, combine
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
-# exp(x) is exactly 0 in float32 below this: a masked score this far under the row's
-# log-sum-exp contributes nothing, whether it was filled with -inf or with a finite value.
-_NEGLIGIBLE_LOG = -110.0
-# Beyond this magnitude a float32 lse holds log-counts to worse than 0.06 (ulp 2^-4 at 1e6):
-# merging partial results by it would weigh a run of tied keys (scores of -1e9 + s, which
-# float32 rounds to one value) as one key. Such rows are recomputed whole by the reference.
-_HUGE_LSE = 1e6
 
 
 def _slice_keys(t: Optional[torch.Tensor], k0: int, k1: int) -> Optional[torch.Tensor]:
@@ -53,19 +47,6 @@ def _slice_rows(t: Optional[torch.Tensor], q0: int, q1: int) -> Optional[torch.T
     if t is None or t.shape[-2] == 1:
         return t
     return t[..., q0:q1, :]
-
-
-def _merge(
-    acc: Optional[torch.Tensor], lse: Optional[torch.Tensor], out: torch.Tensor, seg_lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial softmax results (``out`` normalized, compute dtype) by their lse."""
-    if acc is None:
-        return out, seg_lse
-    new_lse = torch.logaddexp(lse, seg_lse)
-    safe = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
-    w_old = torch.exp(lse - safe).unsqueeze(-1)
-    w_new = torch.exp(seg_lse - safe).unsqueeze(-1)
-    return acc * w_old + out * w_new, new_lse
 
 
 class _Problem:
@@ -182,43 +163,73 @@ def attention_cpu(
     if _aten_serves(q, v, params.softcap) and packs(q, k, params):  # decode: K/V read once per group
         packed = packed_attention(q, k, v, bias, mask, params)
         if packed is not None:
-            out, lse = packed
-            recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
+            out, lse, (k0, k1), (m0, m1) = packed
+            recompute_unserved_rows(out, lse, q, k, v, bias, mask, params, unread_keys=[(0, k0), (k1, num_k)],
+                                    biased_keys=[(m0, k0), (k1, m1)])
             return out, lse
 
     # Whole-call fast path: ATen's kernel is top-left causal or unmasked, and takes an additive
     # mask that varies along the keys only (key padding: O(Sk), never Sq×Sk). Rows with no visible
     # key (ATen returns 0 with lse 0 there) are written directly; other unserved rows recomputed.
+    # A band that hides nothing here (decode's bottom-right causal band) is no band.
     key_only = all(t is None or t.shape[-2] == 1 for t in (bias, mask))
+    if band.classify(0, num_q, 0, num_k) is TileKind.FULL:
+        band = Band()
     if (_aten_serves(q, v, params.softcap) and key_only and segments is None and params.alibi is None
             and band.min_offset is None and band.max_offset in (None, 0)):
+        causal = band.max_offset == 0
         additive = _key_additive(bias, mask, q.dtype)
-        out, lse = _flash_cpu(q, k, v, 0.0, band.max_offset == 0, attn_mask=additive, scale=params.scale)
+        out, lse = _flash_cpu(q, k, v, 0.0, causal, attn_mask=additive, scale=params.scale)
         settled = None
         if additive is not None:  # rows with no key: known without scores (padding rows are many)
-            settled = _rows_without_keys(additive, num_q, causal=band.max_offset == 0).expand(batch, heads, num_q)
+            settled = _rows_without_keys(additive, num_q, causal=causal).expand(batch, heads, num_q)
             _fill_rows_without_keys(out, lse, v, settled, params.fill)
-        recompute_unserved_rows(out, lse, q, k, v, bias, mask, params, settled=settled)
+        # top-left causal: ATen stops each row's block at its last key, so row 0 reads key 0 only
+        recompute_unserved_rows(out, lse, q, k, v, bias, mask, params, settled=settled,
+                                unread_keys=[(1, num_k)] if causal else [])
         return out, lse
 
     problem = _Problem(q, k, v, bias, mask, params)
     segment_tiles = None if segments is None else SegmentTiles(segments)
     out = q.new_empty(batch, heads, num_q, v.shape[-1])
     lse = torch.empty(batch, heads, num_q, dtype=torch.float32)
+    read_by_all = [(0, num_k)]  # keys every query tile read (tiles that read none are unserved)
     for q0 in range(0, num_q, block_q):
         q1 = min(q0 + block_q, num_q)
         acc, acc_lse = None, None
-        for k0, k1, band_partial, segments_partial in _runs(band, segment_tiles, mask, q0, q1, num_k, block_k):
+        runs = _runs(band, segment_tiles, mask, q0, q1, num_k, block_k)
+        for k0, k1, band_partial, segments_partial in runs:
             segment_out = problem.segment(q0, q1, k0, k1, band_partial, segments_partial)
-            acc, acc_lse = _merge(acc, acc_lse, *segment_out)
+            acc, acc_lse = merge_by_lse(acc, acc_lse, *segment_out)
         if acc is None:
             lse[:, :, q0:q1] = float("-inf")
             continue
+        read_by_all = _intersect(read_by_all, [(k0, k1) for k0, k1, *_ in runs])
         out[:, :, q0:q1] = acc
         lse[:, :, q0:q1] = acc_lse.float()
 
-    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
+    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params, unread_keys=_complement(read_by_all, num_k))
     return out, lse
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The intersection of two sorted lists of disjoint ``[k0, k1)`` ranges."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _complement(ranges: list[tuple[int, int]], num_keys: int) -> list[tuple[int, int]]:
+    """The keys of ``[0, num_keys)`` outside sorted disjoint ``ranges``."""
+    bounds = [0] + [x for r in ranges for x in r] + [num_keys]
+    return [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2) if bounds[i] < bounds[i + 1]]
 
 
 def _key_additive(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
@@ -256,52 +267,6 @@ def _fill_rows_without_keys(out: torch.Tensor, lse: torch.Tensor, v: torch.Tenso
     lse.masked_fill_(rows, row_lse)
 
 
-def unserved_rows(lse: torch.Tensor, mask: Optional[torch.Tensor], params: AttentionParams, num_keys: int
-                  ) -> torch.Tensor:
-    """Bool ``[B, H, Sq]``: rows a fast kernel (masked scores dropped, ``lse`` from what it saw)
-    cannot serve exactly — no visible key, a finite fill value that is not negligible, an lse so
-    large (a -1e9 or finfo.min bias hiding the whole row) that float32 lost log(n) next to it and
-    merging partial results by it would be wrong, or a NaN lse (ATen's causal CPU kernel with
-    ``scale=0`` computes -inf · 0)."""
-    unserved = torch.isneginf(lse) | torch.isnan(lse) | (lse.abs() > _HUGE_LSE)
-    if math.isfinite(params.fill) and (mask is not None or params.is_masked):
-        unserved |= params.fill > lse + (_NEGLIGIBLE_LOG - math.log(num_keys))
-    return unserved
-
-
-def _has_nan(t: Optional[torch.Tensor]) -> bool:
-    """One plain reduction (a NaN survives a sum; inf - inf only costs the exact check below):
-    ~30x cheaper than ``isnan().any()``, which materializes a bool tensor of the input's size."""
-    return t is not None and t.numel() > 0 and bool(t.sum().isnan())
-
-
-def _nan_rows(q, k, v, bias, alibi: Optional[Alibi] = None) -> torch.Tensor:
-    """Bool ``[B, H, Sq]``: rows eager may give NaN for and ATen's flash kernel does not (it
-    returns a finite row for a NaN query). A NaN in a query row marks that row; a NaN in any key,
-    value, bias entry or ALiBi slope marks every row, as which rows see it depends on the mask."""
-    rows = q.isnan().any(dim=-1) if _has_nan(q) else q.new_zeros(q.shape[:-1], dtype=torch.bool)
-    if _has_nan(k) or _has_nan(v) or _has_nan(bias) or (alibi is not None and _has_nan(alibi.slopes)):
-        rows = torch.ones_like(rows)
-    return rows
-
-
-def recompute_unserved_rows(out, lse, q, k, v, bias, mask, params: AttentionParams,
-                            settled: Optional[torch.Tensor] = None) -> None:
-    """Overwrite, with the reference, rows whose masked scores are not negligible (in place);
-    ``settled`` rows (``[B, H, Sq]``) are already exact."""
-    unserved = unserved_rows(lse, mask, params, k.shape[2]) | _nan_rows(q, k, v, bias, params.alibi)
-    if settled is not None:
-        unserved &= ~settled
-    rows = unserved.any(dim=0).any(dim=0).nonzero().flatten()
-    for start in range(0, rows.numel(), params.block_q):
-        idx = rows[start : start + params.block_q]
-        r_out, r_lse = reference_attention(
-            q.index_select(2, idx), k, v, rows_of(bias, idx), rows_of(mask, idx), params.rows(idx), q_idx=idx,
-        )
-        out.index_copy_(2, idx, r_out)
-        lse.index_copy_(2, idx, r_lse)
-
-
 def attention_sdpa(q, k, v, bias, mask, params: AttentionParams):
     """The peer strategy: one ATen flash call with the whole Sq×Sk mask materialized.
 
@@ -316,5 +281,5 @@ def attention_sdpa(q, k, v, bias, mask, params: AttentionParams):
     out, lse = problem.segment(0, num_q, 0, num_k, with_band=not params.band.is_unbounded,
                                with_segments=params.segments is not None)
     out = out.to(q.dtype)
-    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
+    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params, unread_keys=[])
     return out, lse

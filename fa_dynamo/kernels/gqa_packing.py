@@ -4,7 +4,8 @@ A decode step reads all of K/V for a handful of query rows, so it is bound by me
 CPU flash kernel maps each query head to its K/V head, which reads the K/V of a group once per
 query head: G times. Packing folds the G query heads of a group into the rows of one problem
 (row ``g·Sq + i`` is query ``i`` of the group's head ``g``, keeping its position ``i`` for the
-band), so K/V are read once per group. Only the keys some row can see are handed to ATen (a
+band), so K/V are read once per group (and, when that leaves cores idle, cut across them:
+``split_keys.py``). Only the keys some row can see are handed to ATen (a
 view of the cache, never a copy); the band's partial rows, the dense bias and the mask become
 one additive ``[B|1, Hkv|1, G·Sq, keys]`` mask, small next to K/V for short chunks.
 
@@ -20,6 +21,7 @@ import torch
 
 from fa_dynamo.kernels.mask import TileKind
 from fa_dynamo.kernels.params import AttentionParams
+from fa_dynamo.kernels.split_keys import key_splits, split_key_attention
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -36,38 +38,45 @@ def packs(q: torch.Tensor, k: torch.Tensor, params: AttentionParams) -> bool:
             and params.alibi is None)
 
 
-def packed_attention(q, k, v, bias, mask, params: AttentionParams) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32)`` from one ATen call over
-    the packed rows (see module doc), or None when the band leaves no key visible to any row."""
+def packed_attention(q, k, v, bias, mask, params: AttentionParams):
+    """``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32, (k0, k1), (m0, m1))`` from
+    one ATen call over the packed rows (see module doc), or None when no row sees a key: keys
+    ``[k0, k1)`` were read, and ``[m0, m1) ⊇ [k0, k1)`` is what the band and mask left (the rest
+    of it was cut because a ``-inf`` bias hides it)."""
     batch, heads, num_q, dim = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    k0, k1 = _visible_keys(bias, mask, params, num_q, num_k)
+    (k0, k1), (m0, m1) = _visible_keys(bias, mask, params, num_q, num_k)
     if k1 <= k0:
         return None
     rows = group * num_q
     packed_q = q.reshape(batch, kv_heads, rows, dim)  # head h = kv·G + g: rows g·Sq + i of K/V head kv
     additive = _packed_mask(bias, mask, params, q, kv_heads, k0, k1)
-    out, lse = _flash_cpu(packed_q, k[:, :, k0:k1], v[:, :, k0:k1], 0.0, False, attn_mask=additive,
-                          scale=params.scale)
-    lse = lse.float()
-    if additive is not None:  # a row the mask hides whole: ATen's lse there is not -inf
-        lse = lse.masked_fill(torch.isneginf(additive).all(-1).expand(lse.shape), float("-inf"))
-    return out.reshape(batch, heads, num_q, v.shape[-1]), lse.reshape(batch, heads, num_q)
+    k_s, v_s = k[:, :, k0:k1], v[:, :, k0:k1]
+    splits = key_splits(batch * kv_heads, k1 - k0, torch.get_num_threads())
+    split = None if splits == 1 else split_key_attention(packed_q, k_s, v_s, additive, params.scale, splits)
+    if split is not None:
+        out, lse = split
+    else:
+        out, lse = _flash_cpu(packed_q, k_s, v_s, 0.0, False, attn_mask=additive, scale=params.scale)
+        lse = lse.float()
+        if additive is not None:  # a row the mask hides whole: ATen's lse there is not -inf
+            lse = lse.masked_fill(torch.isneginf(additive).all(-1).expand(lse.shape), float("-inf"))
+    return out.reshape(batch, heads, num_q, v.shape[-1]), lse.reshape(batch, heads, num_q), (k0, k1), (m0, m1)
 
 
-def _visible_keys(bias, mask, params: AttentionParams, num_q: int, num_k: int) -> tuple[int, int]:
-    """Keys ``[k0, k1)`` outside which no row sees a key: the band's range, narrowed to the keys a
-    dense mask (or a ``-inf`` bias) leaves visible to some row (a static cache's unfilled slots)."""
+def _visible_keys(bias, mask, params: AttentionParams, num_q: int, num_k: int):
+    """``(k0, k1), (m0, m1)``: keys outside which no row sees a key — the band's range, narrowed
+    to the keys a dense mask leaves visible to some row (a static cache's unfilled slots) as
+    ``[m0, m1)``, then to those a ``-inf`` bias leaves visible as ``[k0, k1)``."""
     k0, k1 = params.band.key_range(0, num_q, num_k)
+    ranges = []
     for t, hides in ((mask, lambda m: m), (bias, torch.isneginf)):
-        if t is None or t.shape[-1] == 1 or k1 <= k0:
-            continue
-        seen = (~hides(t[..., k0:k1])).flatten(0, 2).any(0).nonzero()
-        if seen.numel() == 0:
-            return k0, k0
-        k0, k1 = k0 + int(seen[0]), k0 + int(seen[-1]) + 1
-    return k0, k1
+        if t is not None and t.shape[-1] != 1 and k1 > k0:
+            seen = (~hides(t[..., k0:k1])).flatten(0, 2).any(0).nonzero()
+            k0, k1 = (k0, k0) if seen.numel() == 0 else (k0 + int(seen[0]), k0 + int(seen[-1]) + 1)
+        ranges.append((k0, k1))
+    return ranges[1], ranges[0]
 
 
 def _packed_mask(bias, mask, params: AttentionParams, q, kv_heads: int, k0: int, k1: int) -> Optional[torch.Tensor]:

@@ -45,7 +45,8 @@ import torch
 
 from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.alibi import alibi_as_bias
-from fa_dynamo.kernels.cpu import attention_cpu, recompute_unserved_rows
+from fa_dynamo.kernels.cpu import attention_cpu
+from fa_dynamo.kernels.exactness import recompute_unserved_rows
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention

@@ -14,7 +14,7 @@ masked loads; q·kᵀ and p·v accumulate in float32.
 
 Rows the kernel cannot serve exactly (no visible key: NaN in eager; a finite fill value that is
 not negligible: a uniform average) are detected from the LSE and recomputed by the reference,
-exactly as the CPU kernel does (``cpu.recompute_unserved_rows``). The backward kernels, which
+exactly as the CPU kernel does (``exactness.recompute_unserved_rows``). The backward kernels, which
 share this module's device helpers and launcher, are in ``triton_backward.py``.
 
 With ``TRITON_INTERPRET=1`` set before this module is imported, the same kernels run on CPU
@@ -48,7 +48,8 @@ except ImportError:  # pragma: no cover
 from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels import triton_configs as tc
 from fa_dynamo.kernels.alibi import Alibi
-from fa_dynamo.kernels.cpu import attention_cpu, recompute_unserved_rows
+from fa_dynamo.kernels.cpu import attention_cpu
+from fa_dynamo.kernels.exactness import recompute_unserved_rows
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.segments import Segments

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.backward import attention_backward
-from fa_dynamo.kernels.cpu import unserved_rows
+from fa_dynamo.kernels.exactness import unserved_rows
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import group_heads, masked_scores, rows_of
 from fa_dynamo.kernels.triton_attention import (

@@ -49,7 +49,7 @@ import torch
 
 from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.alibi import alibi_as_bias
-from fa_dynamo.kernels.cpu import recompute_unserved_rows
+from fa_dynamo.kernels.exactness import recompute_unserved_rows
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.segments import segments_as_mask

@@ -1,0 +1,126 @@
+"""What keeps every fast kernel exact: the log-sum-exp merge, the rows a kernel cannot serve, and
+their recompute by the reference.
+
+A fast kernel drops masked scores and reports the log-sum-exp of what it saw. That is the
+reference's answer for almost every row; the exceptions are found from the lse and the output,
+never from the Sq×Sk scores:
+
+* rows that see no key (eager gives NaN for ``-inf`` fills, a uniform average for finite ones);
+* rows where a finite fill value is not negligible next to what the row saw;
+* rows whose lse is so large (a ``-1e9`` bias hiding the row) that float32 lost ``log(n)`` beside
+  it, so merging partial results by it would be wrong;
+* NaN: the reference's NaN comes from a NaN query, key, bias or slope the row sees, or from a NaN
+  value at *any* key of the call, hidden or not (``0 · NaN`` in ``softmax · V``). ATen's CPU
+  flash kernel propagates every NaN it reads (visible or hidden; tested in
+  ``tests/kernels/test_exactness.py``), so a CPU path checks its output and only the values of
+  keys it did not read. A kernel whose NaN behaviour is not known (the device kernels) checks
+  every input whole.
+
+Those rows are recomputed by ``reference_attention``, ``block_q`` rows at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from fa_dynamo.kernels.params import AttentionParams
+from fa_dynamo.kernels.reference import reference_attention, rows_of
+
+NEGLIGIBLE_LOG = -110.0
+"""exp(x) is exactly 0 in float32 below this: a masked score this far under the row's log-sum-exp
+contributes nothing, whether it was filled with -inf or with a finite value."""
+
+HUGE_LSE = 1e6
+"""Beyond this magnitude a float32 lse holds log-counts to worse than 0.06 (ulp 2^-4 at 1e6):
+merging partial results by it would weigh a run of tied keys (scores of -1e9 + s, which float32
+rounds to one value) as one key. Such rows are recomputed whole by the reference."""
+
+ALL_KEYS = None
+"""``unread_keys`` for a kernel whose NaN propagation is not known: every input is checked."""
+
+
+def merge_by_lse(
+    acc: Optional[torch.Tensor], lse: Optional[torch.Tensor], out: torch.Tensor, seg_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial softmax results (``out`` normalized, compute dtype) by their lse."""
+    if acc is None:
+        return out, seg_lse
+    new_lse = torch.logaddexp(lse, seg_lse)
+    safe = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
+    w_old = torch.exp(lse - safe).unsqueeze(-1)
+    w_new = torch.exp(seg_lse - safe).unsqueeze(-1)
+    return acc * w_old + out * w_new, new_lse
+
+
+def fill_counts(lse: torch.Tensor, fill: float, num_keys: int) -> torch.Tensor:
+    """Bool: rows where ``num_keys`` scores of the finite ``fill`` are not negligible next to the
+    row's lse. Written as a float64 difference, which stays exact at ``|fill| ~ 1e38`` where
+    ``lse ≈ fill`` and a sum would lose the ``log(n)``."""
+    return (lse.double() - fill) < math.log(max(num_keys, 1)) - NEGLIGIBLE_LOG
+
+
+def unserved_rows(lse: torch.Tensor, mask: Optional[torch.Tensor], params: AttentionParams, num_keys: int
+                  ) -> torch.Tensor:
+    """Bool ``[B, H, Sq]``: rows a fast kernel (masked scores dropped, ``lse`` from what it saw)
+    cannot serve exactly — no visible key, a finite fill value that is not negligible, an lse so
+    large (a -1e9 or finfo.min bias hiding the whole row) that float32 lost log(n) next to it and
+    merging partial results by it would be wrong, or a NaN lse (ATen's causal CPU kernel with
+    ``scale=0`` computes -inf · 0)."""
+    unserved = torch.isneginf(lse) | torch.isnan(lse) | (lse.abs() > HUGE_LSE)
+    if math.isfinite(params.fill) and (mask is not None or params.is_masked):
+        unserved |= fill_counts(lse, params.fill, num_keys)
+    return unserved
+
+
+def has_nan(t: Optional[torch.Tensor]) -> bool:
+    """One plain reduction (a NaN survives a sum; inf - inf only costs the exact check after it):
+    ~30x cheaper than ``isnan().any()``, which materializes a bool tensor of the input's size."""
+    return t is not None and t.numel() > 0 and bool(t.sum().isnan())
+
+
+def nan_rows(out, q, k, v, bias, params: AttentionParams,
+             unread_keys: Optional[Sequence[tuple[int, int]]] = ALL_KEYS,
+             biased_keys: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+    """Bool ``[B, H, Sq]``: rows where the reference may give NaN and the kernel's output may not.
+
+    With ``unread_keys`` (the key ranges ``[k0, k1)`` some row was not handed: skipped tiles,
+    keys outside the band's range) the kernel propagates every NaN it read, so the candidates are
+    the rows its output has NaN in, and every row when a value it did not read is NaN, or a key
+    of ``biased_keys`` (keys left out because a ``-inf`` bias hides them: unlike a mask, which
+    replaces the score, a bias adds to it, so a NaN key there is a NaN score). With ``ALL_KEYS``
+    a NaN in a query row marks that row, and one anywhere in K, V, the bias or the ALiBi slopes
+    marks every row (the reference decides which rows see it)."""
+    if unread_keys is not ALL_KEYS:
+        rows = out.isnan().any(dim=-1)
+        if (any(has_nan(v[:, :, k0:k1]) for k0, k1 in unread_keys if k1 > k0)
+                or any(has_nan(k[:, :, k0:k1]) for k0, k1 in biased_keys if k1 > k0)):
+            rows = torch.ones_like(rows)
+        return rows
+    rows = q.isnan().any(dim=-1) if has_nan(q) else q.new_zeros(q.shape[:-1], dtype=torch.bool)
+    alibi = params.alibi
+    if has_nan(k) or has_nan(v) or has_nan(bias) or (alibi is not None and has_nan(alibi.slopes)):
+        rows = torch.ones_like(rows)
+    return rows
+
+
+def recompute_unserved_rows(out, lse, q, k, v, bias, mask, params: AttentionParams,
+                            settled: Optional[torch.Tensor] = None,
+                            unread_keys: Optional[Sequence[tuple[int, int]]] = ALL_KEYS,
+                            biased_keys: Sequence[tuple[int, int]] = ()) -> None:
+    """Overwrite, with the reference, the rows the kernel could not serve (in place): those of
+    ``unserved_rows`` and ``nan_rows``; ``settled`` rows (``[B, H, Sq]``) are already exact."""
+    unserved = unserved_rows(lse, mask, params, k.shape[2]) | nan_rows(
+        out, q, k, v, bias, params, unread_keys, biased_keys)
+    if settled is not None:
+        unserved &= ~settled
+    rows = unserved.any(dim=0).any(dim=0).nonzero().flatten()
+    for start in range(0, rows.numel(), params.block_q):
+        idx = rows[start : start + params.block_q]
+        r_out, r_lse = reference_attention(
+            q.index_select(2, idx), k, v, rows_of(bias, idx), rows_of(mask, idx), params.rows(idx), q_idx=idx,
+        )
+        out.index_copy_(2, idx, r_out)
+        lse.index_copy_(2, idx, r_lse)

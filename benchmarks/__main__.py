@@ -32,6 +32,8 @@ SUITES = {
                       "12-30 min (--no-inductor 3-5 min)"),
     "sdpa": Suite("benchmarks.bench_sdpa_models", "transformers models as shipped (SDPA): uncompiled vs Inductor vs "
                   "fastattention, prefill time and memory", "~15 min (--quick ~3 min, --smoke ~20 s)"),
+    "decode": Suite("benchmarks.bench_decode", "decode: GQA attention over a KV cache (op) and a Llama step over "
+                    "static/dynamic caches, GB/s against the read bandwidth", "~15 min (--quick ~4 min, --smoke ~30 s)"),
     "allreduce": Suite("benchmarks.bench_allreduce", "tiling all_reduce on 2 gloo ranks", "~5 min (--quick < 1 min)"),
 }
 USAGE = "usage: python -m benchmarks {" + "|".join(SUITES) + "|all} [suite args]   |   python -m benchmarks --list"

@@ -7,7 +7,8 @@ instead of whichever happened to be running at the time.
 
 ``predict_seconds`` and ``over_budget`` let a benchmark skip a call it predicts would
 take longer than its budget (scaled from the same method at a smaller size) instead of running it;
-``matmul_ceiling`` measures the dense GEMM rate that GFLOP/s figures are compared with.
+``matmul_ceiling`` measures the dense GEMM rate that GFLOP/s figures are compared with, and
+``read_bandwidth`` the memory rate that decode's GB/s figures are compared with.
 
 ``CpuLoad`` reads ``/proc/stat`` around a run and reports how many cores *other* processes
 kept busy meanwhile: on a small shared machine that number says how far to trust the timings.
@@ -142,6 +143,17 @@ def matmul_ceiling(dtype_names: tuple[str, ...] = ("fp32", "bf16"), n: int = 204
             size *= 2
         out[name] = {"gflops": 2 * size**3 / t.median / 1e9, "n": size, "median_s": t.median}
     return out
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict:
+    """Measured GB/s of a plain ``sum`` over ``gib`` GiB of float32: the rate at which this
+    machine streams memory, which a decode step (bound by reading its KV cache) is compared with.
+    Make ``gib`` several times the last-level cache, or the figure is the cache's."""
+    import torch
+
+    x = torch.randn(int(gib * (1 << 30)) // 4)
+    t = measure(lambda: x.sum(), warmup=1, repeats=repeats)
+    return {"gbps": x.numel() * 4 / t.median / 1e9, "gib": gib, "median_s": t.median}
 
 
 def cpu_model() -> str:

@@ -34,6 +34,8 @@ SUITES = {
                   "fastattention, prefill time and memory", "~15 min (--quick ~3 min, --smoke ~20 s)"),
     "decode": Suite("benchmarks.bench_decode", "decode: GQA attention over a KV cache (op) and a Llama step over "
                     "static/dynamic caches, GB/s against the read bandwidth", "~15 min (--quick ~4 min, --smoke ~30 s)"),
+    "train": Suite("benchmarks.bench_train", "training: forward + backward of Llama, Mistral, BERT, uncompiled vs "
+                   "Inductor vs fastattention, first-call time, peak memory", "~20 min (--quick ~5 min, --smoke ~1 min)"),
     "allreduce": Suite("benchmarks.bench_allreduce", "tiling all_reduce on 2 gloo ranks", "~5 min (--quick < 1 min)"),
 }
 USAGE = "usage: python -m benchmarks {" + "|".join(SUITES) + "|all} [suite args]   |   python -m benchmarks --list"

@@ -49,7 +49,7 @@ def _slice_rows(t: Optional[torch.Tensor], q0: int, q1: int) -> Optional[torch.T
     return t[..., q0:q1, :]
 
 
-class _Problem:
+class Problem:
     """One call's inputs and the segment primitives over them."""
 
     def __init__(self, q, k, v, bias, mask, params: AttentionParams):
@@ -57,6 +57,11 @@ class _Problem:
         self.bias, self.mask = bias, mask
         self.params = params
         self.band, self.segments, self.alibi = params.band, params.segments, params.alibi
+        self.segment_tiles = None if params.segments is None else SegmentTiles(params.segments)
+
+    def runs(self, q0: int, q1: int) -> list:
+        """``(k0, k1, band_partial, segments_partial)``: the key runs rows ``[q0, q1)`` see (``_runs``)."""
+        return _runs(self.band, self.segment_tiles, self.mask, q0, q1, self.k.shape[2], self.params.block_k)
 
     def additive_tile(self, q0: int, q1: int, k0: int, k1: int, with_band: bool, with_segments: bool
                       ) -> Optional[torch.Tensor]:
@@ -88,7 +93,7 @@ class _Problem:
         """
         q_t = self.q[:, :, q0:q1]
         k_s, v_s = self.k[:, :, k0:k1], self.v[:, :, k0:k1]
-        if not _aten_serves(self.q, self.v, self.params.softcap):
+        if not aten_serves(self.q, self.v, self.params.softcap):
             return self._gemm_segment(q_t, k_s, v_s, q0, q1, k0, k1, with_band, with_segments)
         tile = self.additive_tile(q0, q1, k0, k1, with_band, with_segments)
         out, lse = _flash_cpu(q_t, k_s, v_s, 0.0, False, attn_mask=tile, scale=self.params.scale)
@@ -115,7 +120,7 @@ class _Problem:
         return out.flatten(1, 2), lse.flatten(1, 2)
 
 
-def _aten_serves(q: torch.Tensor, v: torch.Tensor, softcap: float) -> bool:
+def aten_serves(q: torch.Tensor, v: torch.Tensor, softcap: float) -> bool:
     """ATen's flash kernel cannot softcap, needs D == Dv, and is not float64-accurate."""
     return softcap == 0 and q.dtype != torch.float64 and q.shape[-1] == v.shape[-1]
 
@@ -157,10 +162,10 @@ def attention_cpu(
     num_k = k.shape[2]
     if num_q == 0 or num_k == 0:
         return reference_attention(q, k, v, bias, mask, params)
-    band, block_q, block_k, segments = params.band, params.block_q, params.block_k, params.segments
+    block_q = params.block_q
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
 
-    if _aten_serves(q, v, params.softcap) and packs(q, k, params):  # decode: K/V read once per group
+    if aten_serves(q, v, params.softcap) and packs(q, k, params):  # decode: K/V read once per group
         packed = packed_attention(q, k, v, bias, mask, params)
         if packed is not None:
             out, lse, (k0, k1), (m0, m1) = packed
@@ -168,17 +173,11 @@ def attention_cpu(
                                     biased_keys=[(m0, k0), (k1, m1)])
             return out, lse
 
-    # Whole-call fast path: ATen's kernel is top-left causal or unmasked, and takes an additive
-    # mask that varies along the keys only (key padding: O(Sk), never Sq×Sk). Rows with no visible
-    # key (ATen returns 0 with lse 0 there) are written directly; other unserved rows recomputed.
-    # A band that hides nothing here (decode's bottom-right causal band) is no band.
-    key_only = all(t is None or t.shape[-2] == 1 for t in (bias, mask))
-    if band.classify(0, num_q, 0, num_k) is TileKind.FULL:
-        band = Band()
-    if (_aten_serves(q, v, params.softcap) and key_only and segments is None and params.alibi is None
-            and band.min_offset is None and band.max_offset in (None, 0)):
-        causal = band.max_offset == 0
-        additive = _key_additive(bias, mask, q.dtype)
+    # Whole-call fast path. Rows with no visible key (ATen returns 0 with lse 0 there) are written
+    # directly; other unserved rows recomputed.
+    causal = whole_call(q, k, v, bias, mask, params)
+    if causal is not None:
+        additive = key_additive(bias, mask, q.dtype)
         out, lse = _flash_cpu(q, k, v, 0.0, causal, attn_mask=additive, scale=params.scale)
         settled = None
         if additive is not None:  # rows with no key: known without scores (padding rows are many)
@@ -189,15 +188,14 @@ def attention_cpu(
                                 unread_keys=[(1, num_k)] if causal else [])
         return out, lse
 
-    problem = _Problem(q, k, v, bias, mask, params)
-    segment_tiles = None if segments is None else SegmentTiles(segments)
+    problem = Problem(q, k, v, bias, mask, params)
     out = q.new_empty(batch, heads, num_q, v.shape[-1])
     lse = torch.empty(batch, heads, num_q, dtype=torch.float32)
     read_by_all = [(0, num_k)]  # keys every query tile read (tiles that read none are unserved)
     for q0 in range(0, num_q, block_q):
         q1 = min(q0 + block_q, num_q)
         acc, acc_lse = None, None
-        runs = _runs(band, segment_tiles, mask, q0, q1, num_k, block_k)
+        runs = problem.runs(q0, q1)
         for k0, k1, band_partial, segments_partial in runs:
             segment_out = problem.segment(q0, q1, k0, k1, band_partial, segments_partial)
             acc, acc_lse = merge_by_lse(acc, acc_lse, *segment_out)
@@ -210,6 +208,21 @@ def attention_cpu(
 
     recompute_unserved_rows(out, lse, q, k, v, bias, mask, params, unread_keys=_complement(read_by_all, num_k))
     return out, lse
+
+
+def whole_call(q, k, v, bias, mask, params: AttentionParams) -> Optional[bool]:
+    """``is_causal`` of the one ATen call that serves the whole problem (True: top-left causal,
+    False: no band), or None where none does. ATen's kernel is top-left causal or unmasked and
+    takes an additive mask that varies along the keys only (key padding: O(Sk), never Sq×Sk);
+    a band that hides nothing here (decode's bottom-right causal band) is no band."""
+    band, num_q, num_k = params.band, q.shape[2], k.shape[2]
+    if band.classify(0, num_q, 0, num_k) is TileKind.FULL:
+        band = Band()
+    key_only = all(t is None or t.shape[-2] == 1 for t in (bias, mask))
+    if (aten_serves(q, v, params.softcap) and key_only and params.segments is None and params.alibi is None
+            and band.min_offset is None and band.max_offset in (None, 0)):
+        return band.max_offset == 0
+    return None
 
 
 def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -232,7 +245,7 @@ def _complement(ranges: list[tuple[int, int]], num_keys: int) -> list[tuple[int,
     return [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2) if bounds[i] < bounds[i + 1]]
 
 
-def _key_additive(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+def key_additive(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
     """A ``[B|1, H|1, 1, Sk]`` bias and bool mask (True = hidden) as one additive mask in ``dtype``."""
     if bias is None and mask is None:
         return None
@@ -274,10 +287,10 @@ def attention_sdpa(q, k, v, bias, mask, params: AttentionParams):
     serves the same semantics (what ATen cannot serve goes through the tiled kernel's GEMM tiles).
     """
     num_q, num_k = q.shape[2], k.shape[2]
-    if not _aten_serves(q, v, params.softcap) or num_q == 0 or num_k == 0:
+    if not aten_serves(q, v, params.softcap) or num_q == 0 or num_k == 0:
         return attention_cpu(q, k, v, bias, mask, params)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    problem = _Problem(q, k, v, bias, mask, params)
+    problem = Problem(q, k, v, bias, mask, params)
     out, lse = problem.segment(0, num_q, 0, num_k, with_band=not params.band.is_unbounded,
                                with_segments=params.segments is not None)
     out = out.to(q.dtype)

@@ -17,6 +17,7 @@ from fa_dynamo.config import KERNELS
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.backward import attention_backward
 from fa_dynamo.kernels.cpu import attention_cpu, attention_sdpa
+from fa_dynamo.kernels.cpu_backward import attention_cpu_backward
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.segments import Segments
@@ -231,7 +232,10 @@ def _backward(ctx, grad_out, _grad_lse):
         dq, dk, dv, dbias, dslopes = triton_backward(grad_out, q, k, v, bias, mask, params, out=out, lse=lse,
                                                      **grads_of)
     else:
-        dq, dk, dv, dbias, dslopes = attention_backward(grad_out, q, k, v, bias, mask, params, **grads_of)
+        flash = None
+        if q.device.type == "cpu" and ctx.kernel in ("auto", "cpu", "sdpa"):
+            flash = attention_cpu_backward(grad_out, q, k, v, bias, mask, params, out, lse, **grads_of)
+        dq, dk, dv, dbias, dslopes = flash or attention_backward(grad_out, q, k, v, bias, mask, params, **grads_of)
     grads = dict(q=dq, k=dk, v=dv, bias=dbias, alibi_slopes=dslopes)  # the rest have no gradient
     return tuple(grads.get(name) for name in _INPUTS)
 

@@ -60,8 +60,7 @@ def masked_scores(
     keys ``k_start, k_start + 1, ...``; ``bias``, ``mask`` and ``params.segments`` are already
     restricted to those rows and keys.
     """
-    scale, softcap, fill, band = params.scale, params.softcap, params.fill, params.band
-    segments, alibi = params.segments, params.alibi
+    scale, softcap, fill, alibi = params.scale, params.softcap, params.fill, params.alibi
     num_kv_heads = k.shape[1]
     ct = compute_dtype(q.dtype)
     s = torch.matmul(group_heads(q.to(ct), num_kv_heads), k.to(ct).unsqueeze(2).transpose(-1, -2))
@@ -73,18 +72,27 @@ def masked_scores(
     k_idx = torch.arange(k_start, k_start + k.shape[2], device=q.device)
     if alibi is not None:
         s = s + group_heads(alibi.scores(q_idx, k_idx, ct), num_kv_heads)
-    hidden = None
-    if mask is not None:
-        hidden = group_heads(mask, num_kv_heads)
-    if not band.is_unbounded:
-        band_hidden = band.hidden(q_idx, k_idx)
-        hidden = band_hidden if hidden is None else hidden | band_hidden
-    if segments is not None:
-        segment_hidden = group_heads(segments.hidden(), num_kv_heads)
-        hidden = segment_hidden if hidden is None else hidden | segment_hidden
+    hidden = hidden_scores(q_idx, k_idx, mask, params, num_kv_heads)
     if hidden is not None:
         s = s.masked_fill(hidden, fill)
     return s
+
+
+def hidden_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, mask: Optional[torch.Tensor], params: AttentionParams,
+                  num_kv_heads: int) -> Optional[torch.Tensor]:
+    """Bool, broadcastable to ``[B, Hkv, G, len(q_idx), len(k_idx)]``: the scores the mask, the band
+    and the segment ids replace with the fill (``mask`` and ``params.segments`` already restricted
+    to those rows and keys), or None where nothing is hidden."""
+    hidden = None
+    if mask is not None:
+        hidden = group_heads(mask, num_kv_heads)
+    if not params.band.is_unbounded:
+        band_hidden = params.band.hidden(q_idx, k_idx)
+        hidden = band_hidden if hidden is None else hidden | band_hidden
+    if params.segments is not None:
+        segment_hidden = group_heads(params.segments.hidden(), num_kv_heads)
+        hidden = segment_hidden if hidden is None else hidden | segment_hidden
+    return hidden
 
 
 def reference_attention(

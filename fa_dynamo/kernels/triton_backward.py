@@ -24,6 +24,7 @@ import triton.language as tl
 
 from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.backward import attention_backward
+from fa_dynamo.kernels.backward_op import register_backward_op
 from fa_dynamo.kernels.exactness import unserved_rows
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import group_heads, masked_scores, rows_of
@@ -367,39 +368,6 @@ def attention_triton_backward(
     return dq, dk, dv, None, None
 
 
-@torch.library.custom_op("fa_dynamo::attention_triton_backward", mutates_args=())
-def _backward_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    softcap: float,
-    fill: float,
-    min_offset: Optional[int],
-    max_offset: Optional[int],
-    block_q: int,
-    block_k: int,
-    q_segments: Optional[torch.Tensor] = None,
-    k_segments: Optional[torch.Tensor] = None,
-    alibi_slopes: Optional[torch.Tensor] = None,
-    zero_empty_rows: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k, q_segments,
-                                k_segments, alibi_slopes, zero_empty_rows)
-    return _backward(grad_out, q, k, v, bias, mask, out, lse, params)
-
-
-@_backward_op.register_fake
-def _(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, fill, min_offset, max_offset, block_q, block_k,
-      q_segments=None, k_segments=None, alibi_slopes=None, zero_empty_rows=False):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
 def _backward(grad_out, q, k, v, bias, mask, out, lse, params: AttentionParams):
     """The FA2 backward kernels: ``(dq, dk, dv)`` in the inputs' dtypes. Rows the kernels cannot
     serve (``unserved_rows``: rows with no visible key among them) go to the reference."""
@@ -490,3 +458,6 @@ def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, params:
         dq.index_copy_(2, idx, (ds @ k_c).flatten(1, 2) * scale)
         dk += (ds.transpose(-1, -2) @ q_g).sum(2) * scale
         dv += (p.transpose(-1, -2) @ do_r).sum(2)
+
+
+register_backward_op("attention_triton_backward", _backward)

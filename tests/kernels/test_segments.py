@@ -150,13 +150,13 @@ def test_packed_tiles_are_skipped_and_no_score_matrix_is_allocated(monkeypatch):
     q, k, v = (torch.randn(1, 2, 2048, 32) for _ in range(3))
     ids = (torch.arange(2048) // 256)[None]  # 8 sequences of 256 tokens
     visited = []
-    segment = cpu._Problem.segment
+    segment = cpu.Problem.segment
 
     def record(self, q0, q1, k0, k1, *flags):
         visited.append((k1 - k0) * (q1 - q0))
         return segment(self, q0, q1, k0, k1, *flags)
 
-    monkeypatch.setattr(cpu._Problem, "segment", record)
+    monkeypatch.setattr(cpu.Problem, "segment", record)
     with _LargestTensor() as mode:
         out, _ = cpu.attention_cpu(q, k, v, None, None, AttentionParams(
             scale=0.2, band=Band(None, 0), block_q=128, block_k=128, segments=Segments(ids, ids)))

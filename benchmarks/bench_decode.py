@@ -161,7 +161,7 @@ def bench_op(plan: Plan, bandwidth_gbps: float) -> list[dict]:
                                             "max_abs_err": (out.double() - expected).abs().max().item(),
                                             "fused": _fused(getattr(fn, "backend", None))}
                     turn = iter(range(1 << 62))
-                    fns[name] = (lambda f=fn, t=turn: f(*kv[next(t) % copies]))
+                    fns[name] = (lambda f=fn, t=turn, kv=kv, n=copies: f(*kv[next(t) % n]))
                 except Exception as e:  # recorded in the table, the rest still runs
                     row["methods"][name] = {"error": error_line(e)}
             timings = measure_interleaved(fns, warmup=1, repeats=plan.repeats)

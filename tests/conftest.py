@@ -61,6 +61,17 @@ def assert_same_as_eager(actual: torch.Tensor, expected: torch.Tensor, atol=None
     torch.testing.assert_close(actual, expected, atol=atol or a, rtol=rtol or r, equal_nan=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (the full corpus matrix, the training benchmark's smoke run, GPU
+    compiles) are skipped unless a marker expression is given: ``pytest -m slow``."""
+    if config.option.markexpr:
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -77,7 +77,7 @@ def attention_backward(
 def row_gradients(grad_out, q, k, v, bias, mask, params: AttentionParams, rows: torch.Tensor):
     """``(dq, dk, dv)`` in the compute dtype: rows ``rows``' dq (zero elsewhere) and their shares of
     dk, dv, by the chain rule of ``reference_attention`` in its own order — matmul, scale, bias
-    and ALiBi added, hidden scores replaced (no gradient through them), softmax, matmul — so NaN
+    and ALiBi added, hidden scores replaced (no gradient through them unless ``fill_added``), softmax, matmul — so NaN
     lands where autograd puts it. No softcap: ATen-served calls have none."""
     kv_heads, ct = k.shape[1], compute_dtype(q.dtype)
     k_g, v_g = k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2)  # [B, Hkv, 1, Sk, D]
@@ -95,7 +95,7 @@ def row_gradients(grad_out, q, k, v, bias, mask, params: AttentionParams, rows: 
         dp = do @ v_g.transpose(-1, -2)
         ds = p * (dp - (dp * p).sum(-1, keepdim=True))
         hidden = hidden_scores(idx, k_idx, row_mask, row_params, kv_heads)
-        if hidden is not None:
+        if hidden is not None and not params.fill_added:
             ds = ds.masked_fill(hidden, 0)
         ds = ds * params.scale
         dq.index_copy_(2, idx, (ds @ k_g).flatten(1, 2))

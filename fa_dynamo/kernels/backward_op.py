@@ -42,10 +42,12 @@ def register_backward_op(name: str, kernel: BackwardKernel):
         k_segments: Optional[torch.Tensor] = None,
         alibi_slopes: Optional[torch.Tensor] = None,
         zero_empty_rows: bool = False,
+        fill_added: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         params = AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k, q_segments,
-                                    k_segments, alibi_slopes, zero_empty_rows)
-        return kernel(grad_out, q, k, v, bias, mask, out, lse, params)
+                                    k_segments, alibi_slopes, zero_empty_rows, fill_added)
+        grads = kernel(grad_out, q, k, v, bias, mask, out, lse, params)
+        return tuple(_in_layout_of(x, g) for x, g in zip((q, k, v), grads))
 
     custom = torch.library.custom_op(f"fa_dynamo::{name}", op, mutates_args=())
 
@@ -54,3 +56,10 @@ def register_backward_op(name: str, kernel: BackwardKernel):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     return custom
+
+
+def _in_layout_of(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with the strides ``torch.empty_like(x)`` has, as the fake implementation promises
+    (Inductor checks them: a transposed q, from a ``[B, S, H, D]`` projection, gets a transposed dq)."""
+    like = torch.empty_like(x)
+    return grad if like.stride() == grad.stride() else like.copy_(grad)

@@ -171,6 +171,7 @@ def cooperative_attention(
     block_q: int = 256,
     block_k: int = 512,
     stage_bytes: int = 0,
+    fill_added: bool = False,
 ) -> torch.Tensor:
     """``fa_dynamo.attention(q, cat(K), cat(V), ...)`` without gathering the KV on q's device.
 
@@ -179,7 +180,7 @@ def cooperative_attention(
         k_device, v_device: ``[B, Hkv, Sd, D]`` / ``[B, Hkv, Sd, Dv]`` on q's device, or None (Sd = 0).
         k_host, v_host: ``[B, Hkv, Sh, D]`` / ``[B, Hkv, Sh, Dv]`` in host (CPU) memory.
         host_first: the host keys come first (``K = cat(k_host, k_device)``), else last.
-        bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k: as
+        bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k, fill_added: as
             ``fa_dynamo.attention``, over the whole key axis ``Sk = Sh + Sd`` (bias/mask on q's device).
         budget_bytes: bytes of K+V this call may hold on the device; host keys that fit beside the
             device share are copied over and attended to there. 0: none is copied.
@@ -195,6 +196,7 @@ def cooperative_attention(
     out, _ = torch.ops.fa_dynamo.cooperative_attention(
         q, k_device, v_device, k_host, v_host, _as_4d(bias), _as_4d(mask), scale, softcap, fill,
         min_offset, max_offset, host_first, budget_bytes, strategy, kernel, block_q, block_k, stage_bytes,
+        fill_added,
     )
     return out
 
@@ -257,9 +259,11 @@ def _cooperative_op(
     block_q: int,
     block_k: int,
     stage_bytes: int,
+    fill_added: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_shares(q, k_dev, v_dev, k_host, v_host, bias, mask, strategy, kernel, block_q, block_k, budget_bytes, stage_bytes)
-    params = _Params(AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k), kernel)
+    params = _Params(AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k,
+                                        fill_added=fill_added), kernel)
     out, lse = run_cooperative(q, k_dev, v_dev, k_host, v_host, bias, mask, params, host_first=host_first,
                                budget_bytes=budget_bytes, strategy=strategy, stage_bytes=stage_bytes)
     return out.contiguous(), lse.contiguous()
@@ -267,7 +271,7 @@ def _cooperative_op(
 
 @_cooperative_op.register_fake
 def _(q, k_dev, v_dev, k_host, v_host, bias, mask, scale, softcap, fill, min_offset, max_offset,
-      host_first, budget_bytes, strategy, kernel, block_q, block_k, stage_bytes):
+      host_first, budget_bytes, strategy, kernel, block_q, block_k, stage_bytes, fill_added=False):
     check_shares(q, k_dev, v_dev, k_host, v_host, bias, mask, strategy, kernel, block_q, block_k, budget_bytes, stage_bytes)
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v_host.shape[-1])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
@@ -276,10 +280,10 @@ def _(q, k_dev, v_dev, k_host, v_host, bias, mask, scale, softcap, fill, min_off
 
 def _setup_context(ctx, inputs, output):
     (q, k_dev, v_dev, k_host, v_host, bias, mask, scale, softcap, fill, lo, hi, host_first,
-     _budget, _strategy, _kernel, block_q, block_k, _stage) = inputs
+     _budget, _strategy, _kernel, block_q, block_k, _stage, fill_added) = inputs
     ctx.save_for_backward(q, k_dev, v_dev, k_host, v_host, bias, mask)
     ctx.host_first = host_first
-    ctx.params = AttentionParams.of(scale, softcap, fill, lo, hi, block_q, block_k)
+    ctx.params = AttentionParams.of(scale, softcap, fill, lo, hi, block_q, block_k, fill_added=fill_added)
     ctx.mark_non_differentiable(output[1])
 
 
@@ -301,7 +305,7 @@ def _backward(ctx, grad_out, _grad_lse):
     dk_dev = None if k_dev is None else dk[:, :, dev_sl]
     dv_dev = None if v_dev is None else dv[:, :, dev_sl]
     dk_host, dv_host = dk[:, :, host_sl].to(k_host.device), dv[:, :, host_sl].to(v_host.device)
-    return (dq, dk_dev, dv_dev, dk_host, dv_host, dbias) + (None,) * 13
+    return (dq, dk_dev, dv_dev, dk_host, dv_host, dbias) + (None,) * 14
 
 
 _cooperative_op.register_autograd(_backward, setup_context=_setup_context)

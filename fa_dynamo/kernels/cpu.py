@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from fa_dynamo.kernels.exactness import merge_by_lse, recompute_unserved_rows
+from fa_dynamo.kernels.exactness import aten_lse, merge_by_lse, recompute_unserved_rows
 from fa_dynamo.kernels.gqa_packing import packed_attention, packs
 from fa_dynamo.kernels.mask import Band, TileKind, dense_tile_kind
 from fa_dynamo.kernels.params import AttentionParams
@@ -97,10 +97,8 @@ class Problem:
             return self._gemm_segment(q_t, k_s, v_s, q0, q1, k0, k1, with_band, with_segments)
         tile = self.additive_tile(q0, q1, k0, k1, with_band, with_segments)
         out, lse = _flash_cpu(q_t, k_s, v_s, 0.0, False, attn_mask=tile, scale=self.params.scale)
-        if tile is not None:
-            dead = torch.isneginf(tile).all(-1).expand(lse.shape)
-            lse = lse.masked_fill(dead, float("-inf"))
-        return out.float(), lse.float()
+        dead = None if tile is None else torch.isneginf(tile).all(-1).expand(lse.shape)
+        return out.float(), aten_lse(lse, dead)
 
     def _gemm_segment(self, q_t, k_s, v_s, q0, q1, k0, k1, with_band, with_segments):
         tile_params = self.params.replace(
@@ -179,6 +177,7 @@ def attention_cpu(
     if causal is not None:
         additive = key_additive(bias, mask, q.dtype)
         out, lse = _flash_cpu(q, k, v, 0.0, causal, attn_mask=additive, scale=params.scale)
+        lse = aten_lse(lse)
         settled = None
         if additive is not None:  # rows with no key: known without scores (padding rows are many)
             settled = _rows_without_keys(additive, num_q, causal=causal).expand(batch, heads, num_q)

@@ -11,10 +11,12 @@ never from the Sq×Sk scores:
   it, so merging partial results by it would be wrong;
 * NaN: the reference's NaN comes from a NaN query, key, bias or slope the row sees, or from a NaN
   value at *any* key of the call, hidden or not (``0 · NaN`` in ``softmax · V``). ATen's CPU
-  flash kernel propagates every NaN it reads (visible or hidden; tested in
-  ``tests/kernels/test_exactness.py``), so a CPU path checks its output and only the values of
-  keys it did not read. A kernel whose NaN behaviour is not known (the device kernels) checks
-  every input whole.
+  flash kernel propagates every NaN it reads, except in a row whose every score is NaN (a NaN
+  query row, a NaN key the row alone sees): its scalar max skips NaN, the row looks empty and
+  comes back as zeros with lse 0 (both tested in ``tests/kernels/test_exactness.py``;
+  ``aten_lse`` turns that 0 into NaN). So a CPU path checks its output, its lse and only the
+  values of keys it did not read. A kernel whose NaN behaviour is not known (the device kernels)
+  checks every input whole.
 
 Those rows are recomputed by ``reference_attention``, ``block_q`` rows at a time.
 """
@@ -53,6 +55,16 @@ def merge_by_lse(
     w_old = torch.exp(lse - safe).unsqueeze(-1)
     w_new = torch.exp(seg_lse - safe).unsqueeze(-1)
     return acc * w_old + out * w_new, new_lse
+
+
+def aten_lse(lse: torch.Tensor, dead: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ATen's CPU flash lse (float32) with its two zeros told apart: ``dead`` rows (the mask
+    hides them whole) get -inf; any other row it reports as 0 gets NaN, so ``unserved_rows``
+    recomputes it — ATen answers 0 for a row whose every score is NaN (see module doc), and a
+    finite row whose lse is exactly 0 only costs a needless recompute."""
+    lse = lse.float()
+    lse = lse.masked_fill(lse == 0, float("nan"))
+    return lse if dead is None else lse.masked_fill(dead, float("-inf"))
 
 
 def fill_counts(lse: torch.Tensor, fill: float, num_keys: int) -> torch.Tensor:
@@ -94,6 +106,8 @@ def nan_rows(out, q, k, v, bias, params: AttentionParams,
     a NaN in a query row marks that row, and one anywhere in K, V, the bias or the ALiBi slopes
     marks every row (the reference decides which rows see it)."""
     if unread_keys is not ALL_KEYS:
+        if params.fill_added:  # the fill is added to a hidden score: a NaN key there is a NaN score
+            biased_keys = [*biased_keys, *unread_keys]
         rows = out.isnan().any(dim=-1)
         if (any(has_nan(v[:, :, k0:k1]) for k0, k1 in unread_keys if k1 > k0)
                 or any(has_nan(k[:, :, k0:k1]) for k0, k1 in biased_keys if k1 > k0)):

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from fa_dynamo.kernels.exactness import aten_lse
 from fa_dynamo.kernels.mask import TileKind
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.split_keys import key_splits, split_key_attention
@@ -59,9 +60,7 @@ def packed_attention(q, k, v, bias, mask, params: AttentionParams):
         out, lse = split
     else:
         out, lse = _flash_cpu(packed_q, k_s, v_s, 0.0, False, attn_mask=additive, scale=params.scale)
-        lse = lse.float()
-        if additive is not None:  # a row the mask hides whole: ATen's lse there is not -inf
-            lse = lse.masked_fill(torch.isneginf(additive).all(-1).expand(lse.shape), float("-inf"))
+        lse = aten_lse(lse, None if additive is None else torch.isneginf(additive).all(-1).expand(lse.shape))
     return out.reshape(batch, heads, num_q, v.shape[-1]), lse.reshape(batch, heads, num_q), (k0, k1), (m0, m1)
 
 

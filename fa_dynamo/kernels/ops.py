@@ -46,6 +46,7 @@ def attention(
     k_segments: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
     zero_empty_rows: bool = False,
+    fill_added: bool = False,
 ) -> torch.Tensor:
     """Attention as eager PyTorch computes it, without the Sq×Sk intermediates.
 
@@ -75,6 +76,10 @@ def attention(
         zero_empty_rows: a row whose scores are all ``-inf`` gives 0 (and passes no gradient),
             as ``F.scaled_dot_product_attention`` does (its ``_safe_softmax``), instead of NaN,
             as ``softmax`` does.
+        fill_added: hidden scores are ``s + fill`` (eager's additive ``finfo.min`` or ``-inf``
+            mask), not ``fill``: the same values for a fill that absorbs any score, but the
+            gradient flows through them (a row that sees no key passes gradient to q and k, as
+            eager's does) and a NaN score stays NaN.
 
     Returns:
         ``[B, Hq, Sq, Dv]`` in ``q``'s dtype. A row whose scores are all ``-inf`` is NaN, as in
@@ -89,6 +94,7 @@ def attention(
         q, k, v, bias=bias, mask=mask, scale=scale, softcap=softcap, fill=fill, min_offset=min_offset,
         max_offset=max_offset, kernel=kernel, block_q=block_q, block_k=block_k, q_segments=q_segments,
         k_segments=k_segments, alibi_slopes=alibi_slopes, zero_empty_rows=zero_empty_rows,
+        fill_added=fill_added,
     )
     return out
 
@@ -186,10 +192,11 @@ def _attention_op(
     k_segments: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
     zero_empty_rows: bool = False,
+    fill_added: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments, alibi_slopes)
     params = AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k, q_segments,
-                                k_segments, alibi_slopes, zero_empty_rows)
+                                k_segments, alibi_slopes, zero_empty_rows, fill_added)
     out, lse = _run_kernel(kernel, q, k, v, bias, mask, params)
     if zero_empty_rows:  # kernels give NaN and lse = -inf for a row that sees no key; SDPA gives 0
         # (a finite row can have lse = -inf too: float64 scores at finfo.min overflow logsumexp)
@@ -200,7 +207,7 @@ def _attention_op(
 
 @_attention_op.register_fake
 def _(q, k, v, bias, mask, scale, softcap, fill, min_offset, max_offset, kernel, block_q, block_k,
-      q_segments=None, k_segments=None, alibi_slopes=None, zero_empty_rows=False):
+      q_segments=None, k_segments=None, alibi_slopes=None, zero_empty_rows=False, fill_added=False):
     check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments, alibi_slopes)
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)

@@ -32,17 +32,19 @@ class AttentionParams:
     segments: Optional[Segments] = None
     alibi: Optional[Alibi] = None
     zero_empty_rows: bool = False  # a row that sees no key gives 0 (SDPA), not NaN (softmax)
+    fill_added: bool = False  # the fill is added to hidden scores (eager's additive mask), not written over them
 
     @staticmethod
     def of(
         scale: float, softcap: float, fill: float, min_offset: Optional[int], max_offset: Optional[int],
         block_q: int, block_k: int, q_segments: Optional[torch.Tensor] = None,
         k_segments: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
-        zero_empty_rows: bool = False,
+        zero_empty_rows: bool = False, fill_added: bool = False,
     ) -> "AttentionParams":
         """From the op's flat arguments."""
         return AttentionParams(scale, softcap, fill, Band(min_offset, max_offset), block_q, block_k,
-                               Segments.of(q_segments, k_segments), Alibi.of(alibi_slopes), zero_empty_rows)
+                               Segments.of(q_segments, k_segments), Alibi.of(alibi_slopes), zero_empty_rows,
+                               fill_added)
 
     def op_arguments(self) -> dict:
         """The flat arguments ``of`` takes, by name (for calling a custom op with these params)."""
@@ -50,7 +52,8 @@ class AttentionParams:
         return dict(scale=self.scale, softcap=self.softcap, fill=self.fill, min_offset=self.band.min_offset,
                     max_offset=self.band.max_offset, block_q=self.block_q, block_k=self.block_k,
                     q_segments=None if seg is None else seg.q, k_segments=None if seg is None else seg.k,
-                    alibi_slopes=None if alibi is None else alibi.slopes, zero_empty_rows=self.zero_empty_rows)
+                    alibi_slopes=None if alibi is None else alibi.slopes, zero_empty_rows=self.zero_empty_rows,
+                    fill_added=self.fill_added)
 
     def replace(self, **changes) -> "AttentionParams":
         return dataclasses.replace(self, **changes)

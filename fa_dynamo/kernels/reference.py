@@ -73,8 +73,8 @@ def masked_scores(
     if alibi is not None:
         s = s + group_heads(alibi.scores(q_idx, k_idx, ct), num_kv_heads)
     hidden = hidden_scores(q_idx, k_idx, mask, params, num_kv_heads)
-    if hidden is not None:
-        s = s.masked_fill(hidden, fill)
+    if hidden is not None:  # added: the same value (fill absorbs s), but gradient and NaN flow through
+        s = torch.where(hidden, s + fill, s) if params.fill_added else s.masked_fill(hidden, fill)
     return s
 
 

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from fa_dynamo.kernels.exactness import aten_lse
+
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 SPLIT_MIN_KEYS = 1024
@@ -95,14 +97,12 @@ def split_key_attention(q, k, v, additive: Optional[torch.Tensor], scale: Option
     chunk_mask = None if full is None else _mask_chunks(full, splits, chunk)
     out, lse = _flash_cpu(chunk_q, _chunks(k, splits, chunk), _chunks(v, splits, chunk), 0.0, False,
                           attn_mask=chunk_mask, scale=scale)
-    lse = lse.float()
-    outs, lses = [out.float()], [lse if dead is None else lse.masked_fill(dead, float("-inf"))]
+    outs, lses = [out.float()], [aten_lse(lse, dead)]
     if body < num_keys:  # the L mod splits keys left over
         tail_out, tail_lse = _flash_cpu(q, k[:, :, body:], v[:, :, body:], 0.0, False,
                                         attn_mask=None if full is None else full[..., body:], scale=scale)
-        tail_lse = tail_lse.float().reshape(batch * heads, 1, rows)
         outs.append(tail_out.float().reshape(batch * heads, 1, rows, -1))
-        lses.append(tail_lse if tail_dead is None else tail_lse.masked_fill(tail_dead, float("-inf")))
+        lses.append(aten_lse(tail_lse.reshape(batch * heads, 1, rows), tail_dead))
     out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)  # [B·H, chunks, R, Dv], [B·H, chunks, R]
     top = lse.amax(dim=1, keepdim=True)
     top = torch.where(torch.isneginf(top), 0.0, top)

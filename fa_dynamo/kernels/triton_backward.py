@@ -429,7 +429,7 @@ def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, params:
 
     The reference backward is autograd through ``reference_attention``; this is the same chain
     written out (autograd does not record inside a custom op): softmax backward, ``masked_fill``
-    backward (zero where hidden), tanh backward, the two matmuls. So NaN lands exactly where
+    backward (zero where hidden, unless ``fill_added``), tanh backward, the two matmuls. So NaN lands exactly where
     autograd puts it (e.g. ``dv`` of a row whose scores are all ``-inf``; 0 there with
     ``zero_empty_rows``, as ``_safe_softmax``'s backward gives).
     """
@@ -450,7 +450,8 @@ def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, params:
             hidden = hidden | group_heads(rows_of(mask, idx), num_kv_heads)
         if seg_r is not None:
             hidden = hidden | group_heads(seg_r.hidden(), num_kv_heads)
-        ds = ds.masked_fill(hidden, 0.0)
+        if not params.fill_added:
+            ds = ds.masked_fill(hidden, 0.0)
         q_g = group_heads(q_r.float(), num_kv_heads)
         if softcap > 0:
             t = torch.tanh((q_g @ k_c.transpose(-1, -2)) * scale / softcap)

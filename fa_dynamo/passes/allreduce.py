@@ -257,7 +257,7 @@ def _world_size(reduce: fx.Node) -> int:
 _QUERY_ROW_DIM = {"q": 2, "bias": 2, "mask": 2, "q_segments": 1}
 _QUERY_OFFSETS = ("min_offset", "max_offset")
 _QUERY_INDEPENDENT = frozenset({"k", "v", "scale", "softcap", "fill", "kernel", "block_q", "block_k", "k_segments",
-                                "zero_empty_rows"})  # a row rule: the same on any slice of the rows
+                                "zero_empty_rows", "fill_added"})  # a row rule: the same on any slice of the rows
 # Read relative to the call's first query row (ALiBi's slope · (j − i)): a row slice would shift it.
 _QUERY_RELATIVE = frozenset({"alibi_slopes"})
 

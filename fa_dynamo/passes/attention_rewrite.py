@@ -262,6 +262,7 @@ def rewrite(graph: fx.Graph, site: Site, config: FastAttentionConfig) -> None:
             "min_offset": lo, "max_offset": hi, "kernel": config.kernel, "block_q": config.block_q,
             "block_k": config.block_k, **_emit_segments(graph, site, segments, sizes, q, k),
             **_emit_alibi(graph, site, sizes, q, op_dtype), "zero_empty_rows": site.zero_empty_rows,
+            "fill_added": bool(site.fill_added),
         })
         out = graph.call_function(operator.getitem, (op, 0))
         if site.sink is not None:

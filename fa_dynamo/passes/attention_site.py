@@ -58,6 +58,7 @@ class Site:
     biases: list[fx.Node] = field(default_factory=list)
     masks: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (bool node, True=hidden where True)
     fill: Optional[float] = None
+    fill_added: Optional[bool] = None  # every hiding mask was added to the scores (False: one replaces them)
     band_lo: Optional[Offset] = None
     band_hi: Optional[Offset] = None
     batch_view: Optional[fx.Node] = None  # a chain view that fixes the canonical batch dims

@@ -168,14 +168,6 @@ class _NotLiftable(Exception):
 
 
 @dataclass
-class LiftedMask:
-    """The visible keys of a lifted mask: ``min_offset <= j - i <= max_offset``."""
-
-    min_offset: Optional[Offset]
-    max_offset: Optional[Offset]
-
-
-@dataclass
 class _Interpreter:
     mutated: frozenset = frozenset()
     memo: dict = field(default_factory=dict)
@@ -629,10 +621,3 @@ def lift_slope(bias_node: fx.Node, scores_shape: tuple, mutated: frozenset = fro
     if not axes <= {-1, -2} or (bshape[-2] != scores_shape[-2] and -2 in axes):
         return None, "the bias is not a function of the query and key indices alone"
     return value, ""
-
-
-def band_of_visible(visible: Interval) -> Optional[LiftedMask]:
-    """A band for the visible set, or None if the visible keys are not one band."""
-    if visible.complement:
-        return None
-    return LiftedMask(visible.lo, visible.hi)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -70,24 +70,6 @@ def is_symbolic_scalar(arg: Any) -> bool:
 
 def normalize_dim(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
-
-
-def only_user(node: fx.Node) -> Optional[fx.Node]:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    """Every node the given nodes depend on, themselves included."""
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
 
 
 def describe(node: fx.Node) -> str:

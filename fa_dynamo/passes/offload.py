@@ -312,7 +312,7 @@ def _emit_run(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node:
 
 def _rewrite(graph: fx.Graph, node: fx.Node, plan: _Plan, budget_bytes: int, strategy: str, stage_bytes: int) -> None:
     shared = ("q", "bias", "mask", "scale", "softcap", "fill", "min_offset", "max_offset", "kernel", "block_q",
-              "block_k")
+              "block_k", "fill_added")
     args = op_arguments(node)
     with graph.inserting_before(node):
         k_host, v_host = _emit_run(graph, plan.k_host), _emit_run(graph, plan.v_host)

@@ -161,10 +161,14 @@ def _relayout_bias(site: Site, event: tuple, layout: fx.Node) -> None:
     site.relayout.add(bias)
 
 
-def _set_fill(site: Site, value: float) -> None:
+def _set_fill(site: Site, value: float, added: bool) -> None:
+    """Record the fill, and whether it is added to the hidden scores (eager's additive mask:
+    gradient and NaN flow through them) rather than written over them (``masked_fill``). One
+    mask of each kind: written over, as the op cannot do both."""
     if site.fill is not None and site.fill != value:
         raise NotFusable(f"two masks fill with different values ({site.fill} and {value})")
     site.fill = value
+    site.fill_added = added if site.fill_added is None else site.fill_added and added
 
 
 def _add_band(site: Site, visible) -> bool:
@@ -185,7 +189,8 @@ def _add_band(site: Site, visible) -> bool:
     return True
 
 
-def _lift_band(site: Site, hidden_set, dense: tuple, hidden_is_complement: bool, value: float, scores_shape) -> bool:
+def _lift_band(site: Site, hidden_set, dense: tuple, hidden_is_complement: bool, value: float, scores_shape,
+               added: bool) -> bool:
     """Record ``hidden = ~(visible ∧ dense)`` as a band plus dense key masks; False if it is not."""
     if not hidden_is_complement:
         if dense:
@@ -199,7 +204,7 @@ def _lift_band(site: Site, hidden_set, dense: tuple, hidden_is_complement: bool,
     if not _add_band(site, visible):
         site.band_lo, site.band_hi, site.lifted = saved
         return False
-    _set_fill(site, float(value))
+    _set_fill(site, float(value), added)
     site.masks.extend((_aligned(site, d, scores_shape), False) for d in dense)
     return True
 
@@ -220,7 +225,8 @@ def _add_bias(site: Site, bias: fx.Node, add_node: fx.Node, scores_shape: tuple,
             value <= _ABSORBING and dtype(add_node) in (torch.float32, torch.bfloat16) and not other_biases
         )
         # value sits outside (where ∧ dense) when inside == 0: hidden is the complement
-        if absorbing and _lift_band(site, lifted.where, lifted.dense, lifted.inside == 0, value, scores_shape):
+        if absorbing and _lift_band(site, lifted.where, lifted.dense, lifted.inside == 0, value, scores_shape,
+                                    added=True):
             return
     if not dtype(bias) or not dtype(bias).is_floating_point:
         raise NotFusable(f"a non-float tensor ({bias.name}) is added to the scores")
@@ -291,9 +297,10 @@ def _add_fill(site: Site, cond: fx.Node, hidden_where_true: bool, value: float, 
     if lifted is not None and isinstance(lifted.inside, bool) and lifted.inside != lifted.outside:
         # cond is True on (where ∧ dense) if inside is True, else on its complement
         cond_is_set = lifted.inside
-        if _lift_band(site, lifted.where, lifted.dense, cond_is_set != hidden_where_true, value, scores_shape):
+        if _lift_band(site, lifted.where, lifted.dense, cond_is_set != hidden_where_true, value, scores_shape,
+                      added=False):
             return
-    _set_fill(site, value)
+    _set_fill(site, value, added=False)
     site.masks.append((_aligned(site, cond, scores_shape), hidden_where_true))
 
 

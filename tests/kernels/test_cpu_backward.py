@@ -116,6 +116,31 @@ def test_rows_the_forward_left_to_the_reference_have_its_gradients(fill, aten_ba
     assert aten_backward_calls
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
+def test_an_added_fill_passes_gradient_through_the_rows_it_hides_whole(kernel):
+    """Eager's additive ``finfo.min`` mask (``fill_added``): a left-padded row that sees no key
+    averages every value, and autograd still flows into q and k through the scores the fill
+    absorbed; a written-over fill (``masked_fill``) passes none there."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v, grad = _inputs(g, sq=120, sk=120)
+    hidden = torch.ones(120, 120, dtype=torch.bool).triu(1).expand(2, 1, 120, 120).clone()
+    hidden[1, ..., :20] = True  # batch 1 left-padded: its rows 0..19 see no key
+    fill = torch.finfo(torch.float32).min
+    leaves = [t.double().detach().requires_grad_() for t in (q, k, v)]
+    eager_k, eager_v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in leaves[1:])
+    scores = leaves[0] @ eager_k.transpose(-1, -2) * q.shape[-1] ** -0.5 + torch.where(hidden, fill, 0.0).double()
+    want = torch.autograd.grad(torch.softmax(scores, -1) @ eager_v, leaves, grad.double())
+    mask = torch.zeros(2, 1, 1, 120, dtype=torch.bool)
+    mask[1, ..., :20] = True
+    kw = dict(mask=mask, max_offset=0, fill=fill, kernel=kernel, block_q=64, block_k=64)
+    leaves32 = [t.detach().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(fa_dynamo.attention(*leaves32, fill_added=True, **kw), leaves32, grad)
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() < 1e-5 * b.abs().max().item()
+    written_over = torch.autograd.grad(fa_dynamo.attention(*leaves32, **kw), leaves32, grad)
+    assert written_over[0][1, :, :20].abs().max() == 0 < want[0][1, :, :20].abs().max()
+
+
 def test_zero_empty_rows_have_zero_gradients():
     g = torch.Generator().manual_seed(4)
     q, k, v, grad = _inputs(g, sq=100, sk=100)

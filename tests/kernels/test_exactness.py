@@ -1,10 +1,13 @@
 """The exactness contract (``kernels/exactness.py``): NaN exactly where the reference has it, at a
 cost proportional to what the kernel did not read.
 
-The CPU paths trust ATen's flash kernel to propagate every NaN it reads and check only the values
-(and, for keys cut by a ``-inf`` bias, the keys) it was not handed. The first test pins that
-ATen behaviour, so a torch whose kernel stops propagating fails here by name; the others put one
-NaN in every kind of place, on every CPU path, and compare with float64 dense math.
+The CPU paths trust ATen's flash kernel to propagate every NaN it reads — or, in a row whose every
+score is NaN, to answer as for an empty row (zeros, lse 0), which ``aten_lse`` marks — and check
+only the values (and, for keys cut by a ``-inf`` bias, the keys) it was not handed. The first two
+tests pin that ATen behaviour, so a torch whose kernel changes fails here by name; the others put
+one NaN in every kind of place, on every CPU path, and compare with float64 dense math. CI's CPU
+may take other vector paths than this one: ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) runs
+them here.
 """
 
 from __future__ import annotations
@@ -36,6 +39,24 @@ def test_aten_flash_propagates_every_nan_it_reads(where, shape):
     out, _ = _flash_cpu(q, k, v, 0.0, False, attn_mask=mask)
     rows = out[0, 0].isnan().any(-1)
     assert rows[0] if where in ("q", "dead row") else rows.all(), f"ATen's flash kernel dropped a NaN in a {where}"
+
+
+@pytest.mark.parametrize("where", ["q", "every key"])
+@pytest.mark.parametrize("num_keys", [1, 4, 15, 33, 100])
+@pytest.mark.parametrize("masked", [False, True])
+def test_aten_flash_answers_a_row_of_nan_scores_with_nan_or_lse_zero(where, num_keys, masked):
+    """Short rows come back as zeros with lse 0 (the scalar max skips NaN), long ones as NaN."""
+    g = torch.Generator().manual_seed(num_keys)
+    q = torch.randn(1, 1, 3, 8, generator=g)
+    k, v = (torch.randn(1, 1, num_keys, 8, generator=g) for _ in range(2))
+    (q[0, 0, 1] if where == "q" else k[0, 0, :, 2]).fill_(NAN)
+    mask = torch.zeros(1, 1, 3, num_keys)
+    if masked:
+        mask[..., num_keys // 2 + 1:] = float("-inf")
+    out, lse = _flash_cpu(q, k, v, 0.0, False, attn_mask=mask if masked else None)
+    row = out[0, 0, 1]
+    assert row.isnan().any() or (lse[0, 0, 1] == 0 and (row == 0).all())
+    assert bool(exactness.aten_lse(lse)[0, 0, 1].isnan()) or row.isnan().any()
 
 
 def _reference(q, k, v, **kw):
@@ -92,6 +113,21 @@ def test_a_nan_key_behind_a_minus_inf_bias_is_nan_as_in_eager():
     ref = _reference(q, k, v, bias=bias)
     assert ref[0, 4:].isnan().all() and not ref[0, :4].isnan().any()
     assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("path", ["packed", "causal", "window", "dense mask"])
+def test_a_nan_key_behind_an_added_fill_is_nan_as_in_eager(path):
+    """``fill_added`` (eager's additive mask): the score at a hidden NaN key is ``NaN + fill``,
+    NaN, though no path hands that key to ATen."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v, kw = _case(path, g)
+    kw = dict(kw, fill_added=True)
+    key = 450 if path == "packed" else 600  # unfilled cache slot / hidden by band or mask of row 0
+    k[0, 1, key, 3] = NAN
+    out = fa_dynamo.attention(q, k, v, kernel="cpu", **kw)
+    ref = _reference(q, k, v, **kw)
+    assert ref[0, q.shape[1] - 1].isnan().any() and torch.equal(out.isnan(), ref.isnan())
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5, equal_nan=True)
 
 

@@ -1,0 +1,50 @@
+"""The training suite (``python -m benchmarks train``): the smoke run end to end (``slow``: a minute
+on 2 idle cores, it compiles eight training steps; ``pytest -m slow tests/test_bench_train.py``),
+and the target verdicts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_train
+from benchmarks.train_report import targets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_smoke_run_times_every_config_with_the_uncompiled_gradients(tmp_path):
+    stem = tmp_path / "train"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "train", "--smoke", "--out", str(stem)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [(r["family"], r["tokens"]) for r in report["rows"]] == [(f, n) for f, n, _ in bench_train.SMOKE.cases]
+    for row in report["rows"]:
+        assert set(row["configs"]) == set(bench_train.CONFIGS)
+        for name, c in row["configs"].items():
+            assert c["median_s"] > 0 and c["first_call_s"] > 0 and c["grads_compared"], (row["family"], name)
+            assert c["max_grad_diff_rel"] < 1e-4, (row["family"], name, c["max_grad_diff_rel"])
+    (memory,) = report["memory"]
+    assert set(memory["configs"]) == set(bench_train.CONFIGS)
+    assert all("peak_growth_mib" in m for m in memory["configs"].values()), memory
+
+
+def _row(vs, first, inductor_first=10.0):
+    configs = {n: {"vs_uncompiled": vs, "first_call_s": first} for n in ("fastattention", "fastattention_eager_attn")}
+    configs["inductor"] = {"first_call_s": inductor_first}
+    return {"family": "llama", "tokens": 2048, "dtype": "fp32", "configs": configs}
+
+
+def test_targets_say_met_or_missed():
+    met = targets({"rows": [_row(1.2, 12.0)]})
+    assert len(met) == 2 and all("(target ≥ 1.1×: met)" in line and "(target ≤ 1.5×: met)" in line for line in met)
+    missed = targets({"rows": [_row(0.99, 20.0)]})
+    assert "missed by 10%" in missed[0] and "(target ≤ 1.5×: missed)" in missed[0]
+    assert targets({"rows": []}) == ["- the target's case (Llama, 2048 tokens, fp32) was not in this run"]

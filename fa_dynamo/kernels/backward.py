@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.params import AttentionParams
@@ -21,17 +22,10 @@ from fa_dynamo.kernels.reference import (compute_dtype, group_heads, hidden_scor
 
 
 def attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
     params: AttentionParams,
     *,
-    needs_bias_grad: bool,
-    needs_slopes_grad: bool = False,
-    rows: Optional[torch.Tensor] = None,
+    needs_bias_grad: bool, needs_slopes_grad: bool = False, rows: Optional[torch.Tensor] = None,
 ) -> tuple:
     """``(dq, dk, dv, dbias, dslopes)``; ``dbias`` has ``bias``'s shape and ``dslopes`` the ALiBi
     slopes', each None when not needed. With ``rows`` (query row indices), only those rows'

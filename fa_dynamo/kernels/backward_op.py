@@ -23,26 +23,11 @@ def register_backward_op(name: str, kernel: BackwardKernel):
     """``fa_dynamo::<name>`` running ``kernel``; call it with ``params.op_arguments()`` as keywords."""
 
     def op(
-        grad_out: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        mask: Optional[torch.Tensor],
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        scale: float,
-        softcap: float,
-        fill: float,
-        min_offset: Optional[int],
-        max_offset: Optional[int],
-        block_q: int,
-        block_k: int,
-        q_segments: Optional[torch.Tensor] = None,
-        k_segments: Optional[torch.Tensor] = None,
-        alibi_slopes: Optional[torch.Tensor] = None,
-        zero_empty_rows: bool = False,
-        fill_added: bool = False,
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float, softcap: float,
+        fill: float, min_offset: Optional[int], max_offset: Optional[int], block_q: int, block_k: int,
+        q_segments: Optional[torch.Tensor] = None, k_segments: Optional[torch.Tensor] = None,
+        alibi_slopes: Optional[torch.Tensor] = None, zero_empty_rows: bool = False, fill_added: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         params = AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k, q_segments,
                                     k_segments, alibi_slopes, zero_empty_rows, fill_added)

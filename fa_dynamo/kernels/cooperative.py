@@ -151,27 +151,13 @@ def overrides(*, strategy: Optional[str] = None, stage_bytes: Optional[int] = No
 
 
 def cooperative_attention(
-    q: torch.Tensor,
-    k_device: Optional[torch.Tensor],
-    v_device: Optional[torch.Tensor],
-    k_host: torch.Tensor,
+    q: torch.Tensor, k_device: Optional[torch.Tensor], v_device: Optional[torch.Tensor], k_host: torch.Tensor,
     v_host: torch.Tensor,
     *,
-    bias: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    softcap: float = 0.0,
-    fill: float = float("-inf"),
-    min_offset: Optional[int] = None,
-    max_offset: Optional[int] = None,
-    host_first: bool = True,
-    budget_bytes: int = 0,
-    strategy: str = "auto",
-    kernel: str = "auto",
-    block_q: int = 256,
-    block_k: int = 512,
-    stage_bytes: int = 0,
-    fill_added: bool = False,
+    bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+    softcap: float = 0.0, fill: float = float("-inf"), min_offset: Optional[int] = None,
+    max_offset: Optional[int] = None, host_first: bool = True, budget_bytes: int = 0, strategy: str = "auto",
+    kernel: str = "auto", block_q: int = 256, block_k: int = 512, stage_bytes: int = 0, fill_added: bool = False,
 ) -> torch.Tensor:
     """``fa_dynamo.attention(q, cat(K), cat(V), ...)`` without gathering the KV on q's device.
 
@@ -240,26 +226,10 @@ def check_shares(q, k_dev, v_dev, k_host, v_host, bias, mask, strategy, kernel, 
 
 @torch.library.custom_op("fa_dynamo::cooperative_attention", mutates_args=())
 def _cooperative_op(
-    q: torch.Tensor,
-    k_dev: Optional[torch.Tensor],
-    v_dev: Optional[torch.Tensor],
-    k_host: torch.Tensor,
-    v_host: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    scale: float,
-    softcap: float,
-    fill: float,
-    min_offset: Optional[int],
-    max_offset: Optional[int],
-    host_first: bool,
-    budget_bytes: int,
-    strategy: str,
-    kernel: str,
-    block_q: int,
-    block_k: int,
-    stage_bytes: int,
-    fill_added: bool = False,
+    q: torch.Tensor, k_dev: Optional[torch.Tensor], v_dev: Optional[torch.Tensor], k_host: torch.Tensor,
+    v_host: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], scale: float, softcap: float,
+    fill: float, min_offset: Optional[int], max_offset: Optional[int], host_first: bool, budget_bytes: int,
+    strategy: str, kernel: str, block_q: int, block_k: int, stage_bytes: int, fill_added: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_shares(q, k_dev, v_dev, k_host, v_host, bias, mask, strategy, kernel, block_q, block_k, budget_bytes, stage_bytes)
     params = _Params(AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k,

@@ -25,6 +25,7 @@ import math
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from fa_dynamo.kernels.exactness import aten_lse, merge_by_lse, recompute_unserved_rows
 from fa_dynamo.kernels.gqa_packing import packed_attention, packs
@@ -148,12 +149,7 @@ def _runs(band: Band, segment_tiles: Optional[SegmentTiles], mask: Optional[torc
 
 
 def attention_cpu(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    params: AttentionParams,
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], params: AttentionParams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference_attention``; memory O(block_q × block_k) beyond the inputs."""
     batch, heads, num_q, _ = q.shape

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.alibi import alibi_as_bias
@@ -219,12 +220,7 @@ def _dead_rows(band: Band, dense_mask: Optional[torch.Tensor], plan: SparsePlan,
 
 
 def attention_npu(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    params: AttentionParams,
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], params: AttentionParams,
     *,
     training: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

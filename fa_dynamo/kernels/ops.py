@@ -28,25 +28,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     *,
-    bias: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    softcap: float = 0.0,
-    fill: float = float("-inf"),
-    min_offset: Optional[int] = None,
-    max_offset: Optional[int] = None,
-    kernel: str = "auto",
-    block_q: int = 256,
-    block_k: int = 512,
-    q_segments: Optional[torch.Tensor] = None,
-    k_segments: Optional[torch.Tensor] = None,
-    alibi_slopes: Optional[torch.Tensor] = None,
-    zero_empty_rows: bool = False,
-    fill_added: bool = False,
+    bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+    softcap: float = 0.0, fill: float = float("-inf"), min_offset: Optional[int] = None,
+    max_offset: Optional[int] = None, kernel: str = "auto", block_q: int = 256, block_k: int = 512,
+    q_segments: Optional[torch.Tensor] = None, k_segments: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None, zero_empty_rows: bool = False, fill_added: bool = False,
 ) -> torch.Tensor:
     """Attention as eager PyTorch computes it, without the Sq×Sk intermediates.
 
@@ -175,24 +163,11 @@ def _check_alibi(q, slopes) -> None:
 
 @torch.library.custom_op("fa_dynamo::attention", mutates_args=())
 def _attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    scale: float,
-    softcap: float,
-    fill: float,
-    min_offset: Optional[int],
-    max_offset: Optional[int],
-    kernel: str,
-    block_q: int,
-    block_k: int,
-    q_segments: Optional[torch.Tensor] = None,
-    k_segments: Optional[torch.Tensor] = None,
-    alibi_slopes: Optional[torch.Tensor] = None,
-    zero_empty_rows: bool = False,
-    fill_added: bool = False,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+    scale: float, softcap: float, fill: float, min_offset: Optional[int], max_offset: Optional[int], kernel: str,
+    block_q: int, block_k: int, q_segments: Optional[torch.Tensor] = None,
+    k_segments: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
+    zero_empty_rows: bool = False, fill_added: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_inputs(q, k, v, bias, mask, kernel, block_q, block_k, q_segments, k_segments, alibi_slopes)
     params = AttentionParams.of(scale, softcap, fill, min_offset, max_offset, block_q, block_k, q_segments,

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from fa_dynamo.kernels.params import AttentionParams
 
@@ -46,13 +47,8 @@ def rows_of(t: Optional[torch.Tensor], q_idx: torch.Tensor) -> Optional[torch.Te
 
 
 def masked_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_idx: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    params: AttentionParams,
-    k_start: int = 0,
+    q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, bias: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], params: AttentionParams, k_start: int = 0,
 ) -> torch.Tensor:
     """Scores ``[B, Hkv, G, len(q_idx), Sk]`` in the compute dtype, masked as documented above.
 
@@ -96,12 +92,7 @@ def hidden_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, mask: Optional[torch
 
 
 def reference_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    params: AttentionParams,
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], params: AttentionParams,
     q_idx: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32)``.

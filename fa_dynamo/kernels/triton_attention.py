@@ -29,6 +29,7 @@ import os
 from typing import Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
@@ -442,12 +443,7 @@ def _forward(q, k, v, bias, mask, params: AttentionParams):
 
 
 def attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    params: AttentionParams,
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], params: AttentionParams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``attention_cpu``: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] fp32)``.
 

@@ -19,6 +19,7 @@ import logging
 from typing import Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
@@ -332,17 +333,10 @@ def _attn_bwd_dq(
 
 
 def attention_triton_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
     params: AttentionParams,
     *,
-    needs_bias_grad: bool,
-    needs_slopes_grad: bool = False,
-    out: Optional[torch.Tensor] = None,
+    needs_bias_grad: bool, needs_slopes_grad: bool = False, out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
 ) -> tuple:
     """Same contract as ``backward.attention_backward``: ``(dq, dk, dv, dbias, dslopes)``.

@@ -46,6 +46,7 @@ import logging
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.alibi import alibi_as_bias
@@ -142,12 +143,7 @@ def _dead_rows(band: Band, bias, mask, q, k) -> torch.Tensor:
 
 
 def attention_xformers(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    params: AttentionParams,
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], params: AttentionParams,
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Same contract as ``attention_cpu``, or None when xformers cannot serve the call (the
     caller then falls back; the reason is logged once). Segment ids reach xformers as part of

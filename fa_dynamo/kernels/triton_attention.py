@@ -137,15 +137,54 @@ def _segment_clip(start, full_start, full_end, end, run_ptrs, rows_ok, num_cols,
 
 
 @triton.jit
-def _band_keep(rows, cols, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
-    """Bool ``[len(rows), len(cols)]``: True where ``lo <= col - row <= hi``."""
-    diff = cols[None, :] - rows[:, None]
-    keep = diff == diff
-    if HAS_LO:
-        keep = keep & (diff >= lo)
-    if HAS_HI:
-        keep = keep & (diff <= hi)
-    return keep
+def _score_tile(
+    qk, scale, softcap, bias_ptrs, mask_ptrs, tile_ok, q_pos, k_pos, q_ids, k_ids, band_ok, lo, hi, slope,
+    PARTIAL: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+):
+    """One tile's scores from ``q·kᵀ`` in the reference's order: scale, softcap, bias, ALiBi, the
+    dense mask, segment ids, and (``PARTIAL`` tiles) the band ``lo <= j - i <= hi`` with ``band_ok``
+    (columns or rows past the end). Positions and ids come as broadcastable 2-D blocks — queries
+    down the rows in the forward and dQ, across the columns in dK/dV — so the forward and both
+    backward kernels share this one definition. Returns ``(scores, tanh)``: the softcap's tanh is
+    what its chain rule needs (the scores when there is no softcap)."""
+    s = qk * scale
+    t = s
+    if SOFTCAP:
+        t = _tanh(s / softcap, LIBDEVICE)
+        s = softcap * t
+    if HAS_BIAS:
+        s += tl.load(bias_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_ALIBI:
+        s += slope * (k_pos - q_pos).to(tl.float32)
+    if HAS_MASK:
+        hidden = tl.load(mask_ptrs, mask=tile_ok, other=1) != 0
+        s = tl.where(hidden, float("-inf"), s)
+    if HAS_SEG:
+        s = tl.where(q_ids == k_ids, s, float("-inf"))
+    if PARTIAL:
+        diff = k_pos - q_pos
+        keep = band_ok
+        if HAS_LO:
+            keep = keep & (diff >= lo)
+        if HAS_HI:
+            keep = keep & (diff <= hi)
+        s = tl.where(keep, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _region_bounds(region: tl.constexpr, start, full_start, full_end, end):
+    """Tile loop bounds of region 0 (partial tiles left of the band's full region), 1 (full tiles:
+    no band mask) and 2 (partial tiles right of it), from ``_tile_ranges``."""
+    if region == 0:
+        lo, hi = start, full_start
+    elif region == 1:
+        lo, hi = full_start, full_end
+    else:
+        lo, hi = full_end, end
+    return lo, hi
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,16 +194,11 @@ def _band_keep(rows, cols, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q,
-    k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
-    stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
-    offs_m, offs_n, row_ok, d_ok, dv_ok, slope,
-    start, end, num_k, lo, hi, scale, softcap,
-    PARTIAL: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids, stride_kn, stride_vn, stride_bias_n,
+    stride_mask_n, stride_kseg_n, offs_m, offs_n, row_ok, d_ok, dv_ok, slope, start, end, num_k, lo, hi, scale,
+    softcap, PARTIAL: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online softmax over key tiles ``[start, end)``; ``PARTIAL`` tiles evaluate the band."""
     for start_n in range(start, end, BLOCK_N):
@@ -176,22 +210,15 @@ def _attn_fwd_inner(
         else:
             k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[:, None], other=0.0)
             tile_ok = row_ok[:, None]
-        s = _dot(q, k, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PRECISION) * scale
-        if SOFTCAP:
-            s = softcap * _tanh(s / softcap, LIBDEVICE)
-        if HAS_BIAS:
-            s += tl.load(bias_ptrs + start_n * stride_bias_n, mask=tile_ok, other=0.0).to(tl.float32)
-        if HAS_ALIBI:
-            s += slope * (cols[None, :] - offs_m[:, None]).to(tl.float32)
-        if HAS_MASK:
-            hidden = tl.load(mask_ptrs + start_n * stride_mask_n, mask=tile_ok, other=1) != 0
-            s = tl.where(hidden, float("-inf"), s)
+        qk = _dot(q, k, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PRECISION)
+        k_ids = cols
         if HAS_SEG:
             k_ids = tl.load(kseg_ptrs + start_n * stride_kseg_n, mask=col_ok, other=0)
-            s = tl.where(q_ids[:, None] == k_ids[None, :], s, float("-inf"))
-        if PARTIAL:
-            keep = col_ok[None, :] & _band_keep(offs_m, cols, lo, hi, HAS_LO, HAS_HI)
-            s = tl.where(keep, s, float("-inf"))
+        s, _ = _score_tile(
+            qk, scale, softcap, bias_ptrs + start_n * stride_bias_n, mask_ptrs + start_n * stride_mask_n, tile_ok,
+            offs_m[:, None], cols[None, :], q_ids[:, None], k_ids[None, :], col_ok[None, :], lo, hi, slope,
+            PARTIAL, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE,
+        )
         s = s * LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -272,19 +299,12 @@ def _attn_fwd(
         stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
         offs_m, offs_n, row_ok, d_ok, dv_ok, slope,
     )
-    # partial tiles left of the band's full region, full tiles (no band mask), partial tiles right of it
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, *for_tiles, start, full_start, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
-    )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, *for_tiles, full_start, full_end, num_k, lo, hi, scale, softcap,
-        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
-    )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, *for_tiles, full_end, end, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
-    )
+    for region in tl.static_range(3):
+        region_start, region_end = _region_bounds(region, start, full_start, full_end, end)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, *for_tiles, region_start, region_end, num_k, lo, hi, scale, softcap, region != 1,
+            HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        )
 
     # epilogue: rows that saw no key get lse = -inf (the caller recomputes them)
     seen = l_i > 0

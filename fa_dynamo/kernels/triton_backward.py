@@ -35,14 +35,14 @@ from fa_dynamo.kernels.triton_attention import (
     _alibi_args,
     _run_args,
     _segment_clip,
-    _band_keep,
     _constexprs,
     _dense_args,
     _dot,
     _launch,
     _segment_args,
     _seq_class,
-    _tanh,
+    _region_bounds,
+    _score_tile,
     _tile_ranges,
     attention_triton,
     unsupported_reason,
@@ -53,16 +53,11 @@ log = logging.getLogger(__name__)
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v,
-    q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs, qseg_ptrs, k_ids,
-    stride_qm, stride_dom, stride_bias_m, stride_mask_m, stride_qseg_m,
-    offs_n, offs_m, key_ok, d_ok, dv_ok, slope,
-    start, end, num_q, lo, hi, scale, softcap,
-    PARTIAL: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs, qseg_ptrs, k_ids, stride_qm, stride_dom,
+    stride_bias_m, stride_mask_m, stride_qseg_m, offs_n, offs_m, key_ok, d_ok, dv_ok, slope, start, end, num_q, lo,
+    hi, scale, softcap, PARTIAL: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dK, dV of one key tile over query tiles ``[start, end)`` (scores transposed: keys × queries)."""
     for start_m in range(start, end, BLOCK_M):
@@ -76,25 +71,16 @@ def _attn_bwd_dkdv_inner(
             q_t = tl.load(q_ptrs + start_m * stride_qm, mask=d_ok[:, None], other=0.0)
             do = tl.load(do_ptrs + start_m * stride_dom, mask=dv_ok[None, :], other=0.0)
             tile_ok = key_ok[:, None]
-        s_t = _dot(k, q_t, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), DOT_F32, PRECISION) * scale
-        if SOFTCAP:
-            t_t = _tanh(s_t / softcap, LIBDEVICE)
-            s_t = softcap * t_t
-        if HAS_BIAS:
-            bias_t = tl.load(bias_ptrs + rows_q[None, :].to(tl.int64) * stride_bias_m, mask=tile_ok, other=0.0)
-            s_t += bias_t.to(tl.float32)
-        if HAS_ALIBI:  # keys are the rows here
-            s_t += slope * (offs_n[:, None] - rows_q[None, :]).to(tl.float32)
-        if HAS_MASK:
-            hidden = tl.load(mask_ptrs + rows_q[None, :].to(tl.int64) * stride_mask_m, mask=tile_ok, other=1) != 0
-            s_t = tl.where(hidden, float("-inf"), s_t)
+        qk_t = _dot(k, q_t, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), DOT_F32, PRECISION)
+        q_ids = rows_q
         if HAS_SEG:
             q_ids = tl.load(qseg_ptrs + start_m * stride_qseg_m, mask=q_ok, other=0)
-            s_t = tl.where(k_ids[:, None] == q_ids[None, :], s_t, float("-inf"))
-        if PARTIAL:
-            # keys are the rows here: lo <= j - i <= hi  <=>  -hi <= i - j <= -lo
-            keep = q_ok[None, :] & _band_keep(offs_n, rows_q, -hi, -lo, HAS_HI, HAS_LO)
-            s_t = tl.where(keep, s_t, float("-inf"))
+        s_t, t_t = _score_tile(  # keys are the rows here
+            qk_t, scale, softcap, bias_ptrs + rows_q[None, :].to(tl.int64) * stride_bias_m,
+            mask_ptrs + rows_q[None, :].to(tl.int64) * stride_mask_m, tile_ok, rows_q[None, :], offs_n[:, None],
+            q_ids[None, :], k_ids[:, None], q_ok[None, :], lo, hi, slope,
+            PARTIAL, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE,
+        )
         lse = tl.load(lse_ptr + rows_q, mask=q_ok, other=float("inf"))
         delta = tl.load(delta_ptr + rows_q, mask=q_ok, other=0.0)
         p_t = tl.math.exp2((s_t - lse[None, :]) * LOG2E)
@@ -177,18 +163,13 @@ def _attn_bwd_dkdv(
             q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, mask_ptrs, qseg_ptrs, k_ids,
             stride_qm, stride_dom, stride_bias_m, stride_mask_m, stride_qseg_m, offs_n, offs_m, key_ok, d_ok, dv_ok, slope,
         )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, *for_tiles, start, full_start, num_q, lo, hi, scale, softcap,
-            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
-        )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, *for_tiles, full_start, full_end, num_q, lo, hi, scale, softcap,
-            False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
-        )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, *for_tiles, full_end, end, num_q, lo, hi, scale, softcap,
-            True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_M,
-        )
+        for region in tl.static_range(3):
+            region_start, region_end = _region_bounds(region, start, full_start, full_end, end)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, *for_tiles, region_start, region_end, num_q, lo, hi, scale, softcap, region != 1,
+                HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION,
+                BLOCK_M,
+            )
     dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh
     tl.store(dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk * scale,
              mask=key_ok[:, None] & d_ok[None, :])
@@ -199,16 +180,11 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse, delta,
-    k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
-    stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
-    offs_m, offs_n, row_ok, d_ok, dv_ok, slope,
-    start, end, num_k, lo, hi, scale, softcap,
-    PARTIAL: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids, stride_kn, stride_vn,
+    stride_bias_n, stride_mask_n, stride_kseg_n, offs_m, offs_n, row_ok, d_ok, dv_ok, slope, start, end, num_k, lo,
+    hi, scale, softcap, PARTIAL: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query tile over key tiles ``[start, end)``."""
     for start_n in range(start, end, BLOCK_N):
@@ -222,23 +198,15 @@ def _attn_bwd_dq_inner(
             k_t = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[:, None], other=0.0)
             v_t = tl.load(v_ptrs + start_n * stride_vn, mask=dv_ok[:, None], other=0.0)
             tile_ok = row_ok[:, None]
-        s = _dot(q, k_t, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PRECISION) * scale
-        if SOFTCAP:
-            t = _tanh(s / softcap, LIBDEVICE)
-            s = softcap * t
-        if HAS_BIAS:
-            s += tl.load(bias_ptrs + start_n * stride_bias_n, mask=tile_ok, other=0.0).to(tl.float32)
-        if HAS_ALIBI:
-            s += slope * (cols[None, :] - offs_m[:, None]).to(tl.float32)
-        if HAS_MASK:
-            hidden = tl.load(mask_ptrs + start_n * stride_mask_n, mask=tile_ok, other=1) != 0
-            s = tl.where(hidden, float("-inf"), s)
+        qk = _dot(q, k_t, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PRECISION)
+        k_ids = cols
         if HAS_SEG:
             k_ids = tl.load(kseg_ptrs + start_n * stride_kseg_n, mask=col_ok, other=0)
-            s = tl.where(q_ids[:, None] == k_ids[None, :], s, float("-inf"))
-        if PARTIAL:
-            keep = col_ok[None, :] & _band_keep(offs_m, cols, lo, hi, HAS_LO, HAS_HI)
-            s = tl.where(keep, s, float("-inf"))
+        s, t = _score_tile(
+            qk, scale, softcap, bias_ptrs + start_n * stride_bias_n, mask_ptrs + start_n * stride_mask_n, tile_ok,
+            offs_m[:, None], cols[None, :], q_ids[:, None], k_ids[None, :], col_ok[None, :], lo, hi, slope,
+            PARTIAL, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE,
+        )
         p = tl.math.exp2((s - lse[:, None]) * LOG2E)
         dp = _dot(do, v_t, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PRECISION)
         ds = p * (dp - delta[:, None])
@@ -316,18 +284,12 @@ def _attn_bwd_dq(
         stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
         offs_m, offs_n, row_ok, d_ok, dv_ok, slope,
     )
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, *for_tiles, start, full_start, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
-    )
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, *for_tiles, full_start, full_end, num_k, lo, hi, scale, softcap,
-        False, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
-    )
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, *for_tiles, full_end, end, num_k, lo, hi, scale, softcap,
-        True, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
-    )
+    for region in tl.static_range(3):
+        region_start, region_end = _region_bounds(region, start, full_start, full_end, end)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, *for_tiles, region_start, region_end, num_k, lo, hi, scale, softcap, region != 1,
+            HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE, DOT_F32, PRECISION, BLOCK_N,
+        )
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq * scale, mask=row_ok[:, None] & d_ok[None, :])
 

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import logging
 import contextlib
-import math
 import operator
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -35,26 +34,21 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
-from fa_dynamo.passes.attention_rewrite import is_metadata_read, rewrite
-from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
+from fa_dynamo.passes.attention_rewrite import rewrite
+from fa_dynamo.passes.attention_site import NotFusable, Operand, Site
 from fa_dynamo.passes.score_chain import fold_events, settle_alibi
+from fa_dynamo.passes.score_walk import (
+    Bias, Scale, dense_users, is_qk_matmul, is_scores_matmul, scalar_factor, walk_scores,
+)
 from fa_dynamo.passes.sdpa import expand_sdpa, is_sdpa
-from fa_dynamo.passes.manual_softmax import _row_max_of, canonicalize_manual_softmax
+from fa_dynamo.passes.manual_softmax import canonicalize_manual_softmax
 from fa_dynamo.passes.matching import (
-    aten, describe, dtype, insert_with_val, is_op, is_symbolic_scalar, mutated_nodes, normalize_dim, python_scalar,
-    round_to, shape, val, writes_between,
+    CASTS, DIV, IDENTITIES, MASKED_FILL, MUL, VIEWS, aten, describe, dtype, is_op, is_symbolic_scalar, mutated_nodes,
+    normalize_dim, python_scalar, shape, val, writes_between,
 )
 
 log = logging.getLogger(__name__)
 
-_MATMULS = (aten.matmul, aten.bmm, aten.einsum)
-_CASTS = (aten.to, aten._to_copy, aten.type_as)
-_IDENTITIES = (aten.clone, aten.contiguous, aten.alias)
-_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze)
-# In-place forms count as their functional forms in the score chain: each chain node has one
-# user, so nothing else sees the scores before or after the write.
-_MUL, _DIV, _ADD = (aten.mul, aten.mul_), (aten.div, aten.div_), (aten.add, aten.add_)
-_MASKED_FILL = (aten.masked_fill, aten.masked_fill_)
 
 
 class AttentionReport(PassReport):
@@ -152,7 +146,7 @@ def _type_as_to_dtype(graph: fx.Graph) -> None:
 # Weight matmuls: what a softmax over their output computes is not attention (an MoE router).
 _LINEAR = (aten.linear, aten.addmm, aten.mm)
 # Ops attention probabilities pass on their way to P·V (the near-misses included).
-_PROBS_CHAIN = (*_CASTS, *_IDENTITIES, *_VIEWS, *_MUL, *_DIV, *_MASKED_FILL, aten.where, aten.expand,
+_PROBS_CHAIN = (*CASTS, *IDENTITIES, *VIEWS, *MUL, *DIV, *MASKED_FILL, aten.where, aten.expand,
                 aten.dropout, aten.slice, aten.narrow)
 
 
@@ -160,9 +154,9 @@ def _is_candidate(softmax: fx.Node) -> bool:
     """A softmax with a Q·Kᵀ-like matmul behind it (through any ops but a linear layer) and a
     matmul after it (through the ops a probability chain is made of). Others (MoE routers:
     ``softmax(linear(h))`` → ``topk``) are not attention and not reported as sites."""
-    return (_reaches(softmax.args[0], lambda n: n.all_input_nodes, _is_qk_matmul,
+    return (_reaches(softmax.args[0], lambda n: n.all_input_nodes, is_qk_matmul,
                      lambda n: not is_op(n, *_LINEAR), depth=12)
-            and _reaches(softmax, lambda n: list(n.users), _is_scores_matmul,
+            and _reaches(softmax, lambda n: list(n.users), is_scores_matmul,
                          lambda n: n is softmax or is_op(n, *_PROBS_CHAIN), depth=8))
 
 
@@ -258,7 +252,7 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
     if rank < 2 or normalize_dim(softmax.args[1], rank) != rank - 1:
         raise NotFusable("softmax is not over the last dim")
     reads: list[fx.Node] = []  # users of the scores or probabilities that read only metadata
-    events, qk, sink = _walk_scores(x, reads)
+    events, qk, sink = walk_scores(x, reads)
     if is_op(qk, aten.baddbmm):  # beta * bias + alpha * (q @ kᵀ)
         beta, alpha = qk.kwargs.get("beta", 1), qk.kwargs.get("alpha", 1)
         if beta not in (0, 1) or (python_scalar(alpha) is None and not is_symbolic_scalar(alpha)):
@@ -266,7 +260,7 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
         bias = qk.args[0]
         zeros = is_op(bias, aten.zeros, aten.new_zeros, aten.zeros_like, aten.zero, aten.zero_) or (
             is_op(bias, aten.full) and bias.args[1] == 0)  # torch.empty(..).zero_() too
-        events = [("scale", (alpha, 1))] + ([("bias", bias, qk)] if beta == 1 and not zeros else []) + events
+        events = [Scale(alpha, 1)] + ([Bias(bias, qk)] if beta == 1 and not zeros else []) + events
     pv = _walk_probs(softmax, reads, with_sink=sink is not None)
     site = Site(softmax, qk, pv, mutated=mutated, metadata_reads=reads,
                 zero_empty_rows=is_op(softmax, aten._safe_softmax))
@@ -279,175 +273,6 @@ def _match(softmax: fx.Node, mutated: frozenset) -> Site:
         _check_sink(site, *sink)
     settle_alibi(site)
     return site
-
-
-def _is_scores_matmul(node: Any) -> bool:
-    return is_op(node, *_MATMULS) and not (is_op(node, aten.einsum) and len(node.args[1]) != 2)
-
-
-def _is_qk_matmul(node: Any) -> bool:
-    """Q·Kᵀ may also be ``baddbmm(bias, q, kᵀ, beta=, alpha=)`` (BLOOM's ALiBi)."""
-    return _is_scores_matmul(node) or is_op(node, aten.baddbmm)
-
-
-def _leads_to_scores(node: Any, depth: int = 24) -> bool:
-    """Whether walking back through score-chain ops reaches a matmul (picks the chain operand)."""
-    while depth > 0 and isinstance(node, fx.Node):
-        if _is_qk_matmul(node):
-            return True
-        if not is_op(node, *_CASTS, *_IDENTITIES, *_VIEWS, *_MUL, *_DIV, *_ADD, *_MASKED_FILL, aten.tanh, aten.where,
-                     aten.sub):
-            return False
-        if is_op(node, aten.where):
-            return _leads_to_scores(node.args[1], depth - 1) or _leads_to_scores(node.args[2], depth - 1)
-        if is_op(node, *_ADD, *_MUL) and isinstance(node.args[1], fx.Node) and _leads_to_scores(node.args[1], depth - 1):
-            return True
-        node, depth = node.args[0], depth - 1
-    return False
-
-
-def _is_scalar(arg: Any) -> bool:
-    return python_scalar(arg) is not None or is_symbolic_scalar(arg)
-
-
-def _scalar_factor(node: fx.Node) -> Optional[tuple[fx.Node, tuple[Scalar, int]]]:
-    """``x * c``, ``c * x`` or ``x / c`` with a scalar ``c`` → ``(x, (c, +1 for mul / -1 for div))``."""
-    if not is_op(node, *_MUL, *_DIV) or len(node.args) != 2 or node.kwargs:
-        return None
-    a, b = node.args
-    if is_op(node, *_MUL) and _is_scalar(a):
-        a, b = b, a
-    if not isinstance(val(a), torch.Tensor) or not _is_scalar(b):
-        return None
-    return a, (b, 1 if is_op(node, *_MUL) else -1)
-
-
-def _unit_tensor_factor(node: fx.Node) -> Optional[tuple[fx.Node, tuple[fx.Node, int]]]:
-    """``x * t``, ``t * x`` or ``x / t`` with a one-element float tensor ``t`` (``torch.sqrt(
-    torch.tensor(d))``) → ``(x, (t, ±1))``: a scale known only at run time, applied to q."""
-    if not is_op(node, *_MUL, *_DIV) or len(node.args) != 2 or node.kwargs:
-        return None
-    a, b = node.args
-    if is_op(node, *_MUL) and not _leads_to_scores(a):
-        a, b = b, a
-    if not (isinstance(b, fx.Node) and isinstance(val(b), torch.Tensor) and val(b).dtype.is_floating_point
-            and all(d == 1 for d in val(b).shape) and _leads_to_scores(a) and not _leads_to_scores(b)):
-        return None
-    return a, (b, 1 if is_op(node, *_MUL) else -1)
-
-
-def _dense_users(node: fx.Node, reads: list) -> list[fx.Node]:
-    """The users of ``node`` that read its values; those that read only its sizes, dtype or
-    device go to ``reads`` (the rewrite points them elsewhere, so the node can die)."""
-    reads += [u for u in node.users if is_metadata_read(u)]
-    return [u for u in node.users if not is_metadata_read(u)]
-
-
-def _walk_scores(x: fx.Node, reads: list) -> tuple[list, fx.Node, Optional[tuple[fx.Node, fx.Node]]]:
-    """Score-chain events from the softmax input back to the Q·Kᵀ matmul (in forward order),
-    and the sink column concatenated to the scores as ``(scores before the cat, sink)``."""
-    events: list = []
-    node = x
-    at_softmax = True  # only casts and views so far: a row-max subtraction or a sink may sit here
-    row_max, sink = None, None  # the row max read off ``node`` (its second user) and the sink
-    while True:
-        if len([u for u in _dense_users(node, reads) if u is not row_max]) != 1:
-            raise NotFusable(f"the scores ({node.name}) are also used outside the attention")
-        row_max = None
-        if _is_qk_matmul(node):
-            break
-        if at_softmax and (peeled := _row_max_subtracted(node)) is not None:
-            node, row_max = peeled
-            continue
-        if at_softmax and is_op(node, aten.cat):
-            sink = _sink_column(node)
-            node, at_softmax = sink[0], False
-            continue
-        at_softmax = at_softmax and is_op(node, *_CASTS, *_IDENTITIES, *_VIEWS)
-        if is_op(node, *_CASTS):
-            if not (dtype(node) and dtype(node).is_floating_point):
-                raise NotFusable("the scores are cast to a non-float dtype")
-            if torch.finfo(dtype(node)).eps > torch.finfo(dtype(node.args[0])).eps:
-                raise NotFusable(f"the scores are rounded to {dtype(node)} before softmax")
-            node = node.args[0]
-        elif is_op(node, *_IDENTITIES):
-            node = node.args[0]
-        elif is_op(node, *_VIEWS):
-            if shape(node)[-2:] != shape(node.args[0])[-2:]:
-                raise NotFusable(f"{node.target} reshapes the query/key dims of the scores")
-            events.append(("view", node))
-            node = node.args[0]
-        elif (softcap := _softcap(node)) is not None:
-            events.append(("softcap", softcap[1]))
-            node = softcap[0]
-        elif (factor := _scalar_factor(node)) is not None:
-            events.append(("scale", factor[1]))
-            node = factor[0]
-        elif (factor := _unit_tensor_factor(node)) is not None:
-            events.append(("scale", factor[1]))
-            node = factor[0]
-        elif is_op(node, *_MUL, *_DIV):
-            raise NotFusable(f"the scores are scaled by a tensor ({node.name}), not a scalar")
-        elif is_op(node, *_ADD):
-            if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
-                raise NotFusable("add with alpha")
-            a, b = node.args
-            if not isinstance(b, fx.Node) or not isinstance(a, fx.Node):
-                raise NotFusable("a scalar is added to the scores")
-            if not (_leads_to_scores(a) or _leads_to_scores(b)):
-                raise NotFusable(f"no Q·Kᵀ matmul found behind {node.name}: the scores come from an unrecognized op")
-            chain, other = (a, b) if _leads_to_scores(a) else (b, a)
-            events.append(("bias", other, node))
-            node = chain
-        elif is_op(node, aten.sub) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1 and \
-                isinstance(node.args[1], fx.Node) and _leads_to_scores(node.args[0]) and \
-                not _leads_to_scores(node.args[1]):  # s - t: t's negation is the bias
-            events.append(("bias", _negated(node.args[1], node), node))
-            node = node.args[0]
-        elif is_op(node, *_MASKED_FILL):
-            value = _fill_value(node.args[2], dtype(node))
-            events.append(("fill", node.args[1], True, value, node))
-            node = node.args[0]
-        elif is_op(node, aten.where):
-            cond, a, b = node.args
-            if _leads_to_scores(a):
-                events.append(("fill", cond, False, _fill_value(b, dtype(node)), node))
-                node = a
-            else:
-                events.append(("fill", cond, True, _fill_value(a, dtype(node)), node))
-                node = b
-        else:
-            raise NotFusable(f"{node.target} between Q·Kᵀ and softmax is not understood")
-    events.reverse()
-    return events, node, sink
-
-
-def _row_max_subtracted(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
-    """``s - s.max(-1, keepdim=True).values`` (or ``s.amax(-1, keepdim=True)``) → ``(s, the
-    reduction reading s)``. Right before softmax it changes nothing: softmax is invariant to a
-    per-row constant (a row of -inf gives NaN either way)."""
-    if not is_op(node, aten.sub) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
-        return None
-    s, m = node.args
-    if not isinstance(s, fx.Node) or not isinstance(m, fx.Node) or not _row_max_of(m, s, len(shape(s) or ())):
-        return None
-    reduce = next((r for r in s.users if is_op(r, aten.amax, aten.max)), None)
-    return None if reduce is None else (s, reduce)
-
-
-def _sink_column(cat: fx.Node) -> tuple[fx.Node, fx.Node]:
-    """``cat([s, sinks.reshape(1, -1, 1, 1).expand(B, -1, Sq, 1)], -1)`` → ``(s, the sinks)``:
-    one extra key whose logit depends only on the batch/head (gpt-oss's attention sinks)."""
-    tensors, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-    rank = len(shape(cat) or ())
-    if normalize_dim(dim, rank) != rank - 1 or len(tensors) != 2 or shape(tensors[1])[-1] != 1:
-        raise NotFusable("a cat onto the scores other than one sink column after the keys")
-    column = tensors[1]
-    sink = column.args[0] if is_op(column, aten.expand) else column
-    if not (dtype(sink) and dtype(sink).is_floating_point) or len(shape(sink)) > rank or \
-            tuple(shape(sink)[-2:]) != (1, 1):
-        raise NotFusable(f"the column concatenated to the scores ({column.name}) varies along the queries: not a sink")
-    return tensors[0], sink
 
 
 def _check_sink(site: Site, scores: fx.Node, sink: fx.Node) -> None:
@@ -463,54 +288,15 @@ def _check_sink(site: Site, scores: fx.Node, sink: fx.Node) -> None:
     site.sink = sink
 
 
-def _negated(t: fx.Node, before: fx.Node) -> fx.Node:
-    """``-t`` as a node (with its ``val``) before ``before``; dead code if the site is not fused."""
-    return insert_with_val(before, aten.neg.default, (t,))
-
-
-def _fill_value(arg: Any, scores_dtype: torch.dtype) -> float:
-    """The constant masked scores become, as stored in the scores' dtype (a float32 finfo.min
-    written into bfloat16 scores is -inf)."""
-    value = python_scalar(arg)
-    while value is None and is_op(arg, aten.lift_fresh_copy, aten.clone, aten.detach, aten.detach_, *_CASTS) and shape(arg) == ():
-        arg = arg.args[0]  # torch.tensor(-1e4) arrives as a copied constant
-    if value is None and isinstance(arg, fx.Node) and is_op(arg, aten.scalar_tensor, aten.full) and shape(arg) == ():
-        value = python_scalar(arg.args[0] if is_op(arg, aten.scalar_tensor) else arg.args[1])
-    if value is None and is_op(arg, aten.full_like) and dtype(arg) == scores_dtype:
-        value = python_scalar(arg.args[1])  # torch.full_like(s, -inf): the scores' shape, one value
-    if value is None and isinstance(arg, fx.Node) and arg.op == "get_attr":
-        constant = getattr(arg.graph.owning_module, arg.target, None)
-        if isinstance(constant, torch.Tensor) and constant.dim() == 0 and constant.is_floating_point():
-            value = float(constant)
-    if value is None:
-        raise NotFusable("masked scores are filled with a tensor, not a constant")
-    return round_to(value, scores_dtype)
-
-
-def _softcap(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
-    """``tanh(s / c) * c`` (or ``tanh(s * (1/c)) * c``) → ``(s, c)``."""
-    outer = _scalar_factor(node)
-    if outer is None or not is_op(outer[0], aten.tanh) or outer[1][1] != 1:
-        return None
-    inner = _scalar_factor(outer[0].args[0])
-    cap = python_scalar(outer[1][0])
-    if inner is None or cap is None or len(outer[0].users) != 1:
-        return None
-    inner_c = python_scalar(inner[1][0])
-    if inner_c is None or not math.isclose(inner_c ** -inner[1][1], cap, rel_tol=1e-6):
-        return None
-    return inner[0], abs(cap)  # tanh is odd: tanh(s / -c) * -c == tanh(s / c) * c
-
-
 def _walk_probs(softmax: fx.Node, reads: list, with_sink: bool) -> fx.Node:
     """Forward from softmax to P·V; with a sink, through the slice that drops its column."""
     node, coarsest, sink_dropped = softmax, dtype(softmax), not with_sink
     while True:
-        users = _dense_users(node, reads)
+        users = dense_users(node, reads)
         user = users[0] if len(users) == 1 else None
         if user is None:
             raise NotFusable("the attention probabilities are also used outside the attention")
-        if _is_scores_matmul(user):
+        if is_scores_matmul(user):
             if not sink_dropped:
                 raise NotFusable("the sink column's probability reaches P·V (no slice drops it)")
             first = user.args[1][0] if is_op(user, aten.einsum) else user.args[0]
@@ -519,20 +305,20 @@ def _walk_probs(softmax: fx.Node, reads: list, with_sink: bool) -> fx.Node:
             if torch.finfo(coarsest).eps > torch.finfo(dtype(user)).eps:
                 raise NotFusable(f"the probabilities are rounded to {coarsest} before a {dtype(user)} P·V")
             return user
-        if is_op(user, *_CASTS) and dtype(user).is_floating_point and torch.finfo(dtype(user)).eps > torch.finfo(coarsest).eps:
+        if is_op(user, *CASTS) and dtype(user).is_floating_point and torch.finfo(dtype(user)).eps > torch.finfo(coarsest).eps:
             coarsest = dtype(user)
         if is_op(user, aten.dropout):
             p, train = user.args[1], user.args[2] if len(user.args) > 2 else user.kwargs.get("train")
             if train and p:
                 raise NotFusable(f"dropout in training mode (p={p}) after softmax")
-        elif is_op(user, *_VIEWS):
+        elif is_op(user, *VIEWS):
             if shape(user)[-2:] != shape(node)[-2:]:
                 raise NotFusable("a view reshapes the query/key dims of the probabilities")
         elif not sink_dropped and _drops_last_column(user):
             sink_dropped = True
         elif is_op(user, aten.slice, aten.narrow):
             raise NotFusable("a slice of the probabilities other than dropping a sink column")
-        elif not is_op(user, *_CASTS, *_IDENTITIES):
+        elif not is_op(user, *CASTS, *IDENTITIES):
             raise NotFusable(f"{user.target} is applied to the probabilities")
         node = user
 
@@ -558,7 +344,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _peel_scales(node: fx.Node, site: Site) -> fx.Node:
     """Fold ``x * c`` into the scale and read ``x`` — unless ``x`` is written in place."""
-    while (factor := _scalar_factor(node)) is not None and not {node, factor[0]} & site.mutated:
+    while (factor := scalar_factor(node)) is not None and not {node, factor[0]} & site.mutated:
         site.scale.append(factor[1])
         node = factor[0]
     return node

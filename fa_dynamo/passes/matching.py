@@ -17,6 +17,16 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 
+# Op families, as the passes read them.
+MATMULS = (aten.matmul, aten.bmm, aten.einsum)
+CASTS = (aten.to, aten._to_copy, aten.type_as)
+IDENTITIES = (aten.clone, aten.contiguous, aten.alias)
+VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze)
+# In-place forms count as their functional forms in the score chain: each chain node has one
+# user, so nothing else sees the scores before or after the write.
+MUL, DIV, ADD = (aten.mul, aten.mul_), (aten.div, aten.div_), (aten.add, aten.add_)
+MASKED_FILL = (aten.masked_fill, aten.masked_fill_)
+
 
 def is_op(node: Any, *packets) -> bool:
     """True if ``node`` calls an overload of one of the given op packets (``aten.add`` ...)."""

@@ -17,6 +17,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.passes.attention_site import AlibiTerm, NotFusable, Site
 from fa_dynamo.passes.mask_lifting import Offset, lift_hidden_set, lift_slope
+from fa_dynamo.passes.score_walk import Bias, Fill, Scale, ScoreEvent, Softcap, View
 from fa_dynamo.passes.matching import (
     aten, dtype, insert_with_val, is_op, python_scalar, round_to, shape, val, writes_between,
 )
@@ -26,68 +27,69 @@ from fa_dynamo.passes.matching import (
 _ABSORBING = -1e30
 
 
-def fold_events(site: Site, events: list) -> None:
+def fold_events(site: Site, events: list[ScoreEvent]) -> None:
     """Check the chain is ``scale* → softcap? → (bias | fill)*`` and collect the pieces."""
     events = _finite_fills_as_biases(site, _scales_first(events))
     stage = 0  # 0: scaling allowed, 1: after softcap, 2: after a bias or fill
     site.batch_view = _mask_layout(site.qk, events)
     layout = site.qk  # the node whose shape is the scores' layout at this point of the chain
-    other_biases = sum(e[0] == "bias" for e in events) - 1
+    other_biases = sum(isinstance(e, Bias) for e in events) - 1
     for event in events:
-        kind = event[0]
-        if kind == "view":
-            layout = event[1]
+        if isinstance(event, View):
+            layout = event.node
             continue
-        if kind == "scale":
+        if isinstance(event, Scale):
             if stage > 0:
                 raise NotFusable("the scores are scaled after a softcap, bias or mask")
-            factor = event[1][0]
-            tensor = isinstance(factor, fx.Node) and isinstance(val(factor), torch.Tensor)
-            (site.scale_tensors if tensor else site.scale).append(event[1])
+            (site.scale_tensors if _is_tensor(event.factor) else site.scale).append(event.term)
             continue
-        if kind == "softcap":
+        if isinstance(event, Softcap):
             if stage > 0:
                 raise NotFusable("softcap after a bias or mask")
-            site.softcap, stage = event[1], 1
+            site.softcap, stage = event.cap, 1
             continue
         if len(shape(layout)) > 4:
             raise NotFusable("scores with more than two batch dims")
         if shape(site.batch_view) != shape(layout):
             _relayout_bias(site, event, layout)
         stage = 2
-        if event[1] in writes_between(event[-1], site.pv):
-            raise NotFusable(f"{event[1].name} is modified in place after the scores read it")
-        if kind == "bias":
-            _add_bias(site, event[1], event[2], shape(layout), other_biases=other_biases)
+        operand = event.tensor if isinstance(event, Bias) else event.cond
+        if operand in writes_between(event.node, site.pv):
+            raise NotFusable(f"{operand.name} is modified in place after the scores read it")
+        if isinstance(event, Bias):
+            _add_bias(site, event.tensor, event.node, shape(layout), other_biases=other_biases)
         else:
-            _add_fill(site, event[1], event[2], event[3], shape(layout))
+            _add_fill(site, event.cond, event.hidden_where_true, event.value, shape(layout))
 
 
-def _scales_first(events: list) -> list:
+def _is_tensor(factor) -> bool:
+    """A scale factor that is a one-element tensor node (known at run time), not a number."""
+    return isinstance(factor, fx.Node) and isinstance(val(factor), torch.Tensor)
+
+
+def _scales_first(events: list[ScoreEvent]) -> list[ScoreEvent]:
     """Move a positive constant scale that follows biases or fills ahead of them: ``(s + b)·c =
     s·c + b·c`` and ``fill(s, v)·c = fill(s·c, v·c)`` for ``c > 0`` (a negative ``c`` would turn
     -inf into +inf; a softcap in between does not commute). The bias becomes a ``b·c`` node and
     the fill value ``v·c`` as eager rounds it."""
-    out: list = []
+    out: list[ScoreEvent] = []
     for event in events:
-        masked = [n for n, e in enumerate(out) if e[0] in ("bias", "fill")]
-        factor = event[1][0] if event[0] == "scale" else None
+        masked = [n for n, e in enumerate(out) if isinstance(e, (Bias, Fill))]
+        factor = event.factor if isinstance(event, Scale) else None
         c = python_scalar(factor)
-        tensor = isinstance(factor, fx.Node) and isinstance(val(factor), torch.Tensor)
-        movable = (c is not None and c > 0) or (tensor and all(out[n][0] == "bias" for n in masked))
-        if not masked or not movable or any(e[0] == "softcap" for e in out):
+        tensor = _is_tensor(factor)
+        movable = (c is not None and c > 0) or (tensor and all(isinstance(out[n], Bias) for n in masked))
+        if not masked or not movable or any(isinstance(e, Softcap) for e in out):
             out.append(event)
             continue
         c = factor if tensor else c  # a one-element tensor of unknown sign scales biases only
-        power = event[1][1]
         for n in masked:
-            if out[n][0] == "bias":
-                _, bias, add_node = out[n]
-                out[n] = ("bias", _scaled_node(bias, c, power, add_node), add_node)
+            e = out[n]
+            if isinstance(e, Bias):
+                out[n] = replace(e, tensor=_scaled_node(e.tensor, c, event.power, e.node))
             else:
-                kind, cond, hidden_where_true, value, fill_node = out[n]
-                scaled = value * c if power == 1 else value / c
-                out[n] = (kind, cond, hidden_where_true, round_to(scaled, dtype(fill_node)), fill_node)
+                scaled = e.value * c if event.power == 1 else e.value / c
+                out[n] = replace(e, value=round_to(scaled, dtype(e.node)))
         out.insert(masked[0], event)
     return out
 
@@ -104,7 +106,7 @@ def _scaled_node(t: fx.Node, c, power: int, before: fx.Node) -> fx.Node:
     return insert_with_val(before, aten.mul.Tensor if power == 1 else aten.div.Tensor, (t, factor))
 
 
-def _finite_fills_as_biases(site: Site, events: list) -> list:
+def _finite_fills_as_biases(site: Site, events: list[ScoreEvent]) -> list[ScoreEvent]:
     """A finite fill followed by a bias (GPT-Neo: ``where(causal, s, finfo.min) + mask``) as
     one more bias: ``where(c, s, v) + b == s + (where(c, 0, v) + b)`` in float32/bfloat16 when v
     absorbs any score (v <= -1e30: s + v == v). Where c hides, both give v + b, so a 0/v mask
@@ -112,23 +114,23 @@ def _finite_fills_as_biases(site: Site, events: list) -> list:
     keys that hold v, as eager does. The op replaces by its fill after adding its biases, so a
     finite fill before a bias can only be passed as a bias; a bias before it would then be added
     where eager replaced it, so that stays unfused."""
-    last_bias = max((i for i, e in enumerate(events) if e[0] == "bias"), default=-1)
-    folded = []
+    last_bias = max((i for i, e in enumerate(events) if isinstance(e, Bias)), default=-1)
+    folded: list[ScoreEvent] = []
     for i, event in enumerate(events):
-        if event[0] != "fill" or i > last_bias or event[3] == float("-inf"):
+        if not isinstance(event, Fill) or i > last_bias or event.value == float("-inf"):
             folded.append(event)
             continue
-        _, cond, hidden_where_true, value, fill_node = event
-        scores_dtype = dtype(fill_node)
-        if value > _ABSORBING or scores_dtype not in (torch.float32, torch.bfloat16):
+        scores_dtype = dtype(event.node)
+        if event.value > _ABSORBING or scores_dtype not in (torch.float32, torch.bfloat16):
             raise NotFusable("a bias is added after the scores were filled with a finite value")
-        if any(e[0] == "bias" for e in events[:i]):
+        if any(isinstance(e, Bias) for e in events[:i]):
             raise NotFusable("biases are added both before and after a finite fill of the scores")
-        if dtype(cond) != torch.bool:
+        if dtype(event.cond) != torch.bool:
             raise NotFusable("masked_fill/where with a non-bool condition")
-        if cond in writes_between(fill_node, site.pv):
-            raise NotFusable(f"{cond.name} is modified in place after the scores read it")
-        folded.append(("bias", _fill_as_bias(cond, hidden_where_true, value, scores_dtype, fill_node), fill_node))
+        if event.cond in writes_between(event.node, site.pv):
+            raise NotFusable(f"{event.cond.name} is modified in place after the scores read it")
+        bias = _fill_as_bias(event.cond, event.hidden_where_true, event.value, scores_dtype, event.node)
+        folded.append(Bias(bias, event.node))
     return folded
 
 
@@ -141,24 +143,24 @@ def _fill_as_bias(cond: fx.Node, hidden_where_true: bool, value: float, scores_d
     return bias
 
 
-def _mask_layout(qk: fx.Node, events: list) -> Optional[fx.Node]:
+def _mask_layout(qk: fx.Node, events: list[ScoreEvent]) -> Optional[fx.Node]:
     """The scores' layout the op adopts: where masks apply, the one with the most batch dims."""
     layout, best = qk, None
     for event in events:
-        if event[0] == "view":
-            layout = event[1]
-        elif event[0] in ("bias", "fill") and (best is None or len(shape(layout)) >= len(shape(best))):
+        if isinstance(event, View):
+            layout = event.node
+        elif isinstance(event, (Bias, Fill)) and (best is None or len(shape(layout)) >= len(shape(best))):
             best = layout
     return best
 
 
-def _relayout_bias(site: Site, event: tuple, layout: fx.Node) -> None:
+def _relayout_bias(site: Site, event: ScoreEvent, layout: fx.Node) -> None:
     """A bias added at another batch layout (``[B*H, ...]`` vs ``[B, H, ...]``) is reshaped to
     the op's, which is exact when it spans its layout's batch dims (no broadcasting there)."""
-    bias, have, want = event[1], tuple(shape(layout)[:-2]), tuple(shape(site.batch_view)[:-2])
-    if event[0] != "bias" or tuple(shape(bias)[:-2]) != have or math.prod(have) != math.prod(want):
+    have, want = tuple(shape(layout)[:-2]), tuple(shape(site.batch_view)[:-2])
+    if not isinstance(event, Bias) or tuple(shape(event.tensor)[:-2]) != have or math.prod(have) != math.prod(want):
         raise NotFusable("masks are applied at two different batch layouts of the scores")
-    site.relayout.add(bias)
+    site.relayout.add(event.tensor)
 
 
 def _set_fill(site: Site, value: float, added: bool) -> None:

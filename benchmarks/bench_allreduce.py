@@ -18,7 +18,7 @@ through the collectives themselves:
 * ``auto``     — ``allreduce_chunks=0``: the cost model's choice (``untiled`` when it picks 1).
 
 The components are timed alone too — the linear (``t_mm``) and the all_reduce of its output
-(``t_ar``) at every chunk size — and the cost model (``fa_dynamo.passes.allreduce_cost``) is
+(``t_ar``) at every chunk size — and the cost model (``fa_dynamo.passes.allreduce.cost``) is
 fitted to them: FLOP rate and per-call overhead from ``t_mm``, latency and bus bandwidth from
 ``t_ar``, and the one free parameter, ``overlap``, from the tiled timings. The report compares
 the fitted model's prediction with every measurement, and uses the model with assumed
@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.timing import CpuLoad, describe_machine, machine_info, measure, measure_interleaved
-from fa_dynamo.passes import allreduce_cost as cost
+from fa_dynamo.passes.allreduce import cost
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAT = "min_s"
@@ -324,7 +324,7 @@ def write_report(result: dict, command: str) -> str:
         "## Predicted gain: 8 devices, Llama-70B tensor-parallel layers (TP=8, bf16)",
         "",
         "The same model with assumed device profiles (not measured here; see "
-        "`fa_dynamo/passes/allreduce_cost.py` for what each number rests on). o_proj: K = 8192/8, "
+        "`fa_dynamo/passes/allreduce/cost.py` for what each number rests on). o_proj: K = 8192/8, "
         "down_proj: K = 28672/8, N = 8192; M = tokens in the batch.",
         "",
     ]

@@ -118,7 +118,7 @@ def _fa_dynamo(kernel: str):
         import fa_dynamo
 
         if kernel == "triton":
-            from fa_dynamo.kernels.triton_attention import unsupported_reason
+            from fa_dynamo.kernels.triton.forward import unsupported_reason
 
             reason = unsupported_reason(q, v)
             if reason is not None:

@@ -233,7 +233,7 @@ def _wants_triton(kernel: str, q) -> bool:
 def _triton_entry(name: str):
     """``attention_triton`` or ``attention_triton_backward``; None (said once) without triton."""
     try:
-        from fa_dynamo.kernels import triton_attention, triton_backward
+        from fa_dynamo.kernels.triton import backward as triton_backward, forward as triton_attention
     except ImportError as e:
         warn_once(log, f"the triton kernel needs triton ({e}); using another kernel instead")
         return None
@@ -250,7 +250,7 @@ def _run_kernel(kernel: str, q, k, v, bias, mask, params: AttentionParams) -> tu
         kernel = "auto"
     if kernel == "xformers":
         if q.device.type == "cuda":
-            from fa_dynamo.kernels.xformers_dispatch import attention_xformers
+            from fa_dynamo.kernels.vendor.xformers import attention_xformers
 
             result = attention_xformers(q, k, v, bias, mask, params)  # None: not served (said once)
             if result is not None:
@@ -260,7 +260,7 @@ def _run_kernel(kernel: str, q, k, v, bias, mask, params: AttentionParams) -> tu
         kernel = "auto"
     if kernel == "npu" or (kernel == "auto" and q.device.type == "npu"):
         if q.device.type == "npu":
-            from fa_dynamo.kernels.npu import attention_npu
+            from fa_dynamo.kernels.vendor.npu import attention_npu
 
             return attention_npu(q, k, v, bias, mask, params)  # falls back itself without torch_npu
         fallback = "cpu" if on_cpu else "reference"

@@ -12,8 +12,8 @@ import logging
 import torch.fx as fx
 
 from fa_dynamo.config import FastAttentionConfig
-from fa_dynamo.passes.allreduce import AllReducePass
-from fa_dynamo.passes.attention import AttentionPass
+from fa_dynamo.passes.allreduce.tiling import AllReducePass
+from fa_dynamo.passes.attention.fuse import AttentionPass
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
 from fa_dynamo.passes.cache_writes import CacheWritePass
 from fa_dynamo.passes.offload import OffloadPass

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
@@ -168,3 +169,60 @@ def _nodes_in(arg: Any) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(arg, found.append)
     return found
+
+
+# --- sizes and shapes -------------------------------------------------------------------------
+
+
+def known_equal(a: Any, b: Any) -> bool:
+    """Sizes (ints or symbolic) known equal without adding a guard."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return isinstance(a, (int, torch.SymInt)) and statically_known_true(a == b)
+
+
+def known_equal_sizes(a, b) -> bool:
+    """Two size tuples of the same length, known equal dim by dim."""
+    return len(a) == len(b) and all(known_equal(x, y) for x, y in zip(a, b))
+
+
+def is_full_slice(node: Any) -> bool:
+    """``x[:, ..., :]`` along one dim: start 0, step 1, end at or past the dim's size (what
+    ``x[:, :, None]`` traces to under dynamic shapes)."""
+    if not is_op(node, aten.slice):
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    dim, start, end, step = args[1] or 0, args[2] or 0, args[3], args[4] or 1
+    size = shape(node.args[0])[dim]
+    return start == 0 and step == 1 and (end is None or end >= 2**62 or known_equal(end, size))
+
+
+def undo_repeat_kv(node: Any, mutated: frozenset = frozenset()) -> Optional[fx.Node]:
+    """``x`` [B, Hkv, S, D] where ``node`` is transformers' ``repeat_kv(x, n)`` (unsqueeze(2) →
+    no-op slices → expand → reshape) or ``repeat_interleave(x, n, 1)``: head ``h`` reads K/V head
+    ``h // n``, which GQA kernels do without the copy. None for anything else, or where a node of
+    the pattern is written in place (``mutated``)."""
+    if not isinstance(node, fx.Node) or node in mutated:
+        return None
+    if is_op(node, aten.repeat_interleave) and len(node.args) >= 3 and node.args[2] in (1, -3):
+        src, repeats = node.args[0], node.args[1]
+        whole = isinstance(repeats, int) or isinstance(val(repeats), torch.SymInt)  # not a tensor of counts
+        return src if whole and len(shape(src) or ()) == 4 and src not in mutated else None
+    if not is_op(node, aten.reshape, aten.view, aten._unsafe_view) or not is_op(node.args[0], aten.expand):
+        return None
+    expand = node.args[0]
+    unsq, skipped = expand.args[0], []
+    while is_full_slice(unsq):
+        skipped.append(unsq)
+        unsq = unsq.args[0]
+    if not is_op(unsq, aten.unsqueeze) or set(skipped) & mutated:
+        return None
+    src = unsq.args[0]
+    if len(shape(src) or ()) != 4 or normalize_dim(unsq.args[1], 5) != 2:
+        return None
+    e, out = shape(expand), shape(node)
+    b, hkv, s, d = shape(src)
+    if len(e) != 5 or len(out) != 4 or not known_equal_sizes((e[0], e[1], e[3], e[4], *out),
+                                                             (b, hkv, s, d, b, hkv * e[2], s, d)):
+        return None
+    return None if {src, unsq, expand} & mutated else src

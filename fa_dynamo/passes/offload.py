@@ -39,9 +39,11 @@ import torch
 import torch.fx as fx
 
 from fa_dynamo.config import FastAttentionConfig
-from fa_dynamo.kernels import cooperative as _cooperative  # noqa: F401  (registers fa_dynamo::cooperative_attention)
+from fa_dynamo.kernels.cooperative import op as _cooperative  # noqa: F401  (registers fa_dynamo::cooperative_attention)
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
-from fa_dynamo.passes.matching import aten, describe, is_op, normalize_dim, op_arguments, val
+from fa_dynamo.passes.matching import (
+    aten, describe, is_op, known_equal, normalize_dim, op_arguments, undo_repeat_kv, val,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def _plan(node: fx.Node, config: FastAttentionConfig, budget_bytes: int) -> _Pla
     if args["zero_empty_rows"]:
         raise NotOffloaded("SDPA sites (0 for rows with no visible key) are not served by cooperative attention yet")
     q, k, v = args["q"], args["k"], args["v"]
-    k_src, v_src = _strip_repeat_kv(k), _strip_repeat_kv(v)
+    k_src, v_src = undo_repeat_kv(k) or k, undo_repeat_kv(v) or v  # the op serves GQA
     if (k_src is k) == (v_src is v):  # both repeated (GQA without copies) or neither
         k, v = k_src, v_src
     device = _device_of(q)
@@ -126,7 +128,7 @@ def _plan(node: fx.Node, config: FastAttentionConfig, budget_bytes: int) -> _Pla
     if layout not in ([HOST], [HOST, DEVICE], [DEVICE, HOST]):
         raise NotOffloaded("host and device pieces of K/V interleave along the key axis")
     for (_, k_nodes), (_, v_nodes) in zip(k_runs, v_runs):
-        if not _provably_equal(_length(k_nodes), _length(v_nodes)):
+        if not known_equal(_length(k_nodes), _length(v_nodes)):
             raise NotOffloaded("the host/device split of K and V cannot be shown to be the same")
     runs = {r: (k_nodes, v_nodes) for (r, k_nodes), (_, v_nodes) in zip(k_runs, v_runs)}
     host_keys = _length(runs[HOST][0])
@@ -153,39 +155,6 @@ def _device_of(node) -> Optional[torch.device]:
             return v.device
         node = node.args[0] if node.args else None
     return None
-
-
-def _strip_repeat_kv(node):
-    """``repeat_kv(x, n)`` (unsqueeze(2) → no-op slices → expand → reshape) → ``x``; else ``node``.
-
-    The attention pass undoes ``repeat_kv`` itself, except where a no-op ``slice`` sits in the
-    pattern (what ``x[:, :, None, :, :]`` traces to under dynamic shapes); the cooperative op
-    serves GQA, so the pieces are looked for below the repeat.
-    """
-    if not is_op(node, aten.reshape, aten.view, aten._unsafe_view) or not is_op(node.args[0], aten.expand):
-        return node
-    x = node.args[0].args[0]
-    while is_op(x, aten.slice) and _is_full_slice(x):
-        x = x.args[0]
-    if not is_op(x, aten.unsqueeze) or not isinstance(val(x.args[0]), torch.Tensor) or val(x.args[0]).dim() != 4:
-        return node
-    if normalize_dim(x.args[1], 5) != 2:
-        return node
-    src = x.args[0]
-    b, h, s, d = val(src).shape
-    e, out = val(node.args[0]).shape, val(node).shape
-    if len(e) != 5 or len(out) != 4 or not all(_provably_equal(a, c) for a, c in
-                                               [(e[0], b), (e[1], h), (e[3], s), (e[4], d), (out[0], b),
-                                                (out[1], h * e[2]), (out[2], s), (out[3], d)]):
-        return node
-    return src
-
-
-def _is_full_slice(node: fx.Node) -> bool:
-    """``slice(x, dim, 0, <end of dim or beyond>)`` with step 1: the whole of ``x``."""
-    args = list(node.args) + [None] * (5 - len(node.args))
-    _, dim, start, end, step = args[:5]
-    return start in (None, 0) and step in (None, 1) and (end is None or (isinstance(end, int) and end >= 2**62))
 
 
 def _is_move(node: fx.Node) -> bool:
@@ -284,14 +253,6 @@ def _runs(pieces: list) -> list[tuple[str, list[fx.Node]]]:
 
 def _length(nodes: list[fx.Node]):
     return sum(val(n).shape[2] for n in nodes)
-
-
-def _provably_equal(a, b) -> bool:
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return statically_known_true(a == b)
 
 
 def _kv_bytes(k: fx.Node, v: fx.Node):

@@ -191,7 +191,7 @@ def _near_misses(rank: int) -> dict:
 
 def _cost_model_choice(rank: int) -> dict:
     """allreduce_chunks=0: the cost model tiles a prefill-sized M and leaves decode alone."""
-    from fa_dynamo.passes import allreduce_cost as cost
+    from fa_dynamo.passes.allreduce import cost
 
     g = torch.Generator().manual_seed(4 + rank)
     w = torch.randn(1024, 64, generator=g)

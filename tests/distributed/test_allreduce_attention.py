@@ -27,7 +27,7 @@ ATTENTION = "fa_dynamo.attention.default"
 
 def _rows_of_op(inputs: dict, params: dict, bounds: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(whole op's output, cat of the outputs of its query-row slices), both through one FX graph."""
-    from fa_dynamo.passes.allreduce import _query_row_arguments
+    from fa_dynamo.passes.allreduce.tiling import _query_row_arguments
 
     graph = fx.Graph()
     nodes = {}
@@ -76,7 +76,7 @@ def _o_proj_site(read_lse: bool):
     """A traced ``attention → [0] → transpose(1, 2) → reshape → linear`` and the pass's site for the linear."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from fa_dynamo.passes.allreduce import _Site
+    from fa_dynamo.passes.allreduce.tiling import _Site
 
     def o_proj(q, k, v, w):
         out, lse = torch.ops.fa_dynamo.attention(q, k, v, None, None, 0.25, 0.0, float("-inf"), None, 0, "cpu", 16, 16)
@@ -91,7 +91,7 @@ def _o_proj_site(read_lse: bool):
 
 
 def test_the_chain_to_the_o_proj_is_recognized():
-    from fa_dynamo.passes.allreduce import _match_attention
+    from fa_dynamo.passes.allreduce.tiling import _match_attention
 
     chain = _match_attention(_o_proj_site(read_lse=False))
     assert chain is not None and chain.seq == 12
@@ -100,7 +100,7 @@ def test_the_chain_to_the_o_proj_is_recognized():
 
 def test_an_operand_of_unknown_kind_keeps_the_attention_whole(monkeypatch):
     """If the op's signature grows, the split stops until the new operand is classified."""
-    from fa_dynamo.passes import allreduce
+    from fa_dynamo.passes.allreduce import tiling as allreduce
 
     monkeypatch.setattr(allreduce, "_QUERY_INDEPENDENT", allreduce._QUERY_INDEPENDENT - {"k_segments"})
     with pytest.raises(allreduce.NotSplit, match="k_segments"):
@@ -108,7 +108,7 @@ def test_an_operand_of_unknown_kind_keeps_the_attention_whole(monkeypatch):
 
 
 def test_a_read_log_sum_exp_keeps_the_attention_whole():
-    from fa_dynamo.passes import allreduce
+    from fa_dynamo.passes.allreduce import tiling as allreduce
 
     with pytest.raises(allreduce.NotSplit, match="log-sum-exp"):
         allreduce._match_attention(_o_proj_site(read_lse=True))

@@ -46,7 +46,7 @@ Two families:
   tiling runs on the masks real programs build.
   ``IS_ATTENTION`` and ``EXPECT_FUSED`` are True (``_safe_softmax`` included: the op's
   ``zero_empty_rows`` gives its 0 for a row with no visible key). The hand-written max/exp/sum softmax
-  is expected to fuse (``fa_dynamo.passes.manual_softmax`` reads it as ``aten.softmax``).
+  is expected to fuse (``fa_dynamo.passes.attention.manual_softmax`` reads it as ``aten.softmax``).
 * ``near_miss_programs()``: look like attention but are not (or are not expressible by the
   op): softmax over another dim or of transposed scores, a transform of the probabilities,
   probabilities or scores also used, a per-head or tensor scale, a permute that is not a

@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import fa_dynamo
-from fa_dynamo.kernels import cooperative
-from fa_dynamo.kernels.cooperative import CostModel, choose_strategy, cooperative_attention, overrides
+from fa_dynamo.kernels.cooperative import op as cooperative
+from fa_dynamo.kernels.cooperative.op import CostModel, choose_strategy, cooperative_attention, overrides
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.params import AttentionParams
 

@@ -1,4 +1,4 @@
-"""The Ascend mapping (fa_dynamo/kernels/npu.py) against a fake ``torch_npu``.
+"""The Ascend mapping (fa_dynamo/kernels/vendor/npu.py) against a fake ``torch_npu``.
 
 No NPU here: a fake module stands in for torch_npu. Its two functions take exactly the documented
 signatures (parsed from the prototypes below, so a misspelled, missing or extra argument fails to
@@ -19,7 +19,7 @@ import types
 import pytest
 import torch
 
-from fa_dynamo.kernels import npu
+from fa_dynamo.kernels.vendor import npu
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.segments import Segments

@@ -1,4 +1,4 @@
-"""The Triton kernels (kernels/triton_attention.py, triton_backward.py), on a GPU or in Triton's interpreter.
+"""The Triton kernels (kernels/triton/), on a GPU or in Triton's interpreter.
 
 Without CUDA, ``TRITON_INTERPRET=1`` must be set before Triton is first imported (tests/conftest.py
 does it, before ``fa_dynamo`` pulls in ``torch._dynamo`` and with it ``triton.language``), so the
@@ -25,7 +25,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from fa_dynamo.kernels import triton_attention, triton_backward, triton_configs  # noqa: E402
+from fa_dynamo.kernels.triton import backward as triton_backward, configs as triton_configs, forward as triton_attention  # noqa: E402
 from fa_dynamo.kernels.alibi import Alibi  # noqa: E402
 from fa_dynamo.kernels.mask import Band, TileKind  # noqa: E402
 from fa_dynamo.kernels.params import AttentionParams  # noqa: E402
@@ -458,7 +458,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fa_dynamo.kernels import triton_attention as ta, triton_backward as tb
+from fa_dynamo.kernels.triton import backward as tb, forward as ta
 
 assert not ta.INTERPRETED
 backend, arch, kernel, dtype = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]

@@ -1,4 +1,4 @@
-"""The xformers mapping (fa_dynamo/kernels/xformers_dispatch.py) against a fake ``xformers``.
+"""The xformers mapping (fa_dynamo/kernels/vendor/xformers.py) against a fake ``xformers``.
 
 The fake's ``memory_efficient_attention`` / ``..._forward_requires_grad`` take exactly the
 documented signature ``(query, key, value, attn_bias=None, p=0.0, scale=None, *, op=None,
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from fa_dynamo.kernels import xformers_dispatch as xd
+from fa_dynamo.kernels.vendor import xformers as xd
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.mask import Band
 from fa_dynamo.kernels.reference import reference_attention

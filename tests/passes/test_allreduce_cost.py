@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fa_dynamo.passes import allreduce_cost as cost
+from fa_dynamo.passes.allreduce import cost
 
 PROFILES = [cost.CPU_GLOO, cost.NVLINK_H100, cost.HCCS_910B]
 

@@ -282,7 +282,7 @@ def test_autocast_region_that_cannot_be_rerun_is_refused_with_the_reason():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from fa_dynamo.config import FastAttentionConfig
-    from fa_dynamo.passes.attention import AttentionPass, AttentionReport
+    from fa_dynamo.passes.attention.fuse import AttentionPass, AttentionReport
 
     q, k, v = _qkv(sq=7)
     m = torch.randn(2, 1, 1, 7)
@@ -346,7 +346,7 @@ def test_size_read_off_the_scores_is_rerouted(tracing_mode):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from fa_dynamo.config import FastAttentionConfig
-    from fa_dynamo.passes.attention import AttentionPass, AttentionReport
+    from fa_dynamo.passes.attention.fuse import AttentionPass, AttentionReport
 
     gm = make_fx(matmul_div, tracing_mode=tracing_mode, pre_dispatch=True)(*_qkv(sq=7, sk=11))
     graph = gm.graph

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fa_dynamo.passes.manual_softmax import canonicalize_manual_softmax
+from fa_dynamo.passes.attention.manual_softmax import canonicalize_manual_softmax
 from tests.conftest import Compiled, assert_same_as_eager, count_softmax
 
 

@@ -14,8 +14,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from fa_dynamo.passes.matching import op_arguments
 from fa_dynamo.kernels.mask import Band
-from fa_dynamo.passes.mask_lifting import lift_hidden_set
-from fa_dynamo.passes.mask_segments import lift_segments
+from fa_dynamo.passes.attention.mask_lifting import lift_hidden_set
+from fa_dynamo.passes.attention.mask_segments import lift_segments
 
 mu = pytest.importorskip("transformers.masking_utils")
 

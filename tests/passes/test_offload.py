@@ -18,7 +18,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from fa_dynamo.passes.matching import op_arguments
 from fa_dynamo import FastAttentionBackend, resolve_config
-from fa_dynamo.kernels import cooperative
+from fa_dynamo.kernels.cooperative import op as cooperative
 from fa_dynamo.passes.manager import run_passes
 from tests.conftest import ATTENTION_OP, Compiled, assert_same_as_eager, count_ops
 

@@ -1,4 +1,4 @@
-"""SDPA calls as attention sites (``fa_dynamo/passes/sdpa.py``): every form SDPA is called in,
+"""SDPA calls as attention sites (``fa_dynamo/passes/attention/sdpa.py``): every form SDPA is called in,
 against eager SDPA, with the graph checked (one op, no SDPA left, masks lifted) and near-misses
 left as SDPA calls with a reason."""
 

@@ -9,7 +9,7 @@ Structural matching, not a list of patterns. From every softmax over the last di
 3. read q and k off the first matmul (undoing a transpose of k, peeling scalar scales, undoing
    ``repeat_kv`` / ``repeat_interleave`` so GQA reaches the op without copies) and v off the
    second;
-4. lift every mask whose structure is recognized (``fa_dynamo.passes.mask_lifting``) into a band;
+4. lift every mask whose structure is recognized (``fa_dynamo.passes.attention.mask_lifting``) into a band;
    pass the others on as dense tensors;
 5. check that the chain folds into the op's fixed order (scale → softcap → bias → fill) exactly,
    and rewrite. The old nodes die, and with them any Sq×Sk mask built only for this site.
@@ -30,21 +30,20 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.config import FastAttentionConfig
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
-from fa_dynamo.passes.attention_rewrite import rewrite
-from fa_dynamo.passes.attention_site import NotFusable, Operand, Site
-from fa_dynamo.passes.score_chain import fold_events, settle_alibi
-from fa_dynamo.passes.score_walk import (
+from fa_dynamo.passes.attention.rewrite import rewrite
+from fa_dynamo.passes.attention.site import NotFusable, Operand, Site
+from fa_dynamo.passes.attention.score_chain import fold_events, settle_alibi
+from fa_dynamo.passes.attention.score_walk import (
     Bias, Scale, dense_users, is_qk_matmul, is_scores_matmul, scalar_factor, walk_scores,
 )
-from fa_dynamo.passes.sdpa import expand_sdpa, is_sdpa
-from fa_dynamo.passes.manual_softmax import canonicalize_manual_softmax
+from fa_dynamo.passes.attention.sdpa import expand_sdpa, is_sdpa
+from fa_dynamo.passes.attention.manual_softmax import canonicalize_manual_softmax
 from fa_dynamo.passes.matching import (
-    CASTS, DIV, IDENTITIES, MASKED_FILL, MUL, VIEWS, aten, describe, dtype, is_op, is_symbolic_scalar, mutated_nodes,
-    normalize_dim, python_scalar, shape, val, writes_between,
+    CASTS, DIV, IDENTITIES, MASKED_FILL, MUL, VIEWS, aten, describe, dtype, is_op, is_symbolic_scalar, known_equal,
+    mutated_nodes, normalize_dim, python_scalar, shape, val, writes_between,
 )
 
 log = logging.getLogger(__name__)
@@ -333,13 +332,8 @@ def _drops_last_column(node: fx.Node) -> bool:
     if normalize_dim(args[0] if args[0] is not None else 0, rank) != rank - 1 or args[1] not in (None, 0):
         return False
     if is_op(node, aten.narrow):
-        return args[2] is not None and _same(args[2], size - 1)
-    return (args[3] in (None, 1)) and args[2] is not None and (args[2] == -1 or _same(args[2], size - 1))
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Sizes known equal (ints, or symbolic sizes) without adding a guard."""
-    return isinstance(a, (int, torch.SymInt)) and statically_known_true(a == b)
+        return args[2] is not None and known_equal(args[2], size - 1)
+    return (args[3] in (None, 1)) and args[2] is not None and (args[2] == -1 or known_equal(args[2], size - 1))
 
 
 def _peel_scales(node: fx.Node, site: Site) -> fx.Node:

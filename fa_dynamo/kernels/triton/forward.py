@@ -15,7 +15,7 @@ masked loads; q·kᵀ and p·v accumulate in float32.
 Rows the kernel cannot serve exactly (no visible key: NaN in eager; a finite fill value that is
 not negligible: a uniform average) are detected from the LSE and recomputed by the reference,
 exactly as the CPU kernel does (``exactness.recompute_unserved_rows``). The backward kernels, which
-share this module's device helpers and launcher, are in ``triton_backward.py``.
+share this module's device helpers and launcher, are in ``backward.py``.
 
 With ``TRITON_INTERPRET=1`` set before this module is imported, the same kernels run on CPU
 tensors in Triton's interpreter (that is how CI tests them).
@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover
     _RESOURCE_ERRORS = (OutOfResources,)
 
 from fa_dynamo.logs import warn_once
-from fa_dynamo.kernels import triton_configs as tc
+from fa_dynamo.kernels.triton import configs as tc
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.cpu import attention_cpu
 from fa_dynamo.kernels.exactness import recompute_unserved_rows
@@ -468,7 +468,7 @@ def attention_triton(
     """Same contract as ``attention_cpu``: ``(out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] fp32)``.
 
     ``block_q`` / ``block_k`` cap the outer and inner tile sizes (on a GPU the per-architecture
-    configs in ``triton_configs`` are autotuned below those caps; in the interpreter they are the
+    configs in ``configs`` are autotuned below those caps; in the interpreter they are the
     tile sizes, rounded down to powers of two in [16, 128]). Inputs the kernel cannot serve
     (float64, head dims over 256, CPU tensors without ``TRITON_INTERPRET=1``, pre-Volta GPUs,
     bfloat16 before sm80) go to the CPU / reference kernel, said once in the log.

@@ -37,7 +37,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from fa_dynamo.passes.mask_segments import resolve_packed_positions
+from fa_dynamo.passes.attention.mask_segments import resolve_packed_positions
 from fa_dynamo.passes.matching import aten, is_op, normalize_dim, round_to, shape, val
 
 

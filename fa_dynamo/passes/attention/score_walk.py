@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.fx as fx
 
-from fa_dynamo.passes.attention_rewrite import is_metadata_read
-from fa_dynamo.passes.attention_site import NotFusable, Scalar
-from fa_dynamo.passes.manual_softmax import _row_max_of
+from fa_dynamo.passes.attention.rewrite import is_metadata_read
+from fa_dynamo.passes.attention.site import NotFusable, Scalar
+from fa_dynamo.passes.attention.manual_softmax import _row_max_of
 from fa_dynamo.passes.matching import (
     ADD, CASTS, DIV, IDENTITIES, MASKED_FILL, MATMULS, MUL, VIEWS, aten, dtype, insert_with_val, is_op,
     is_symbolic_scalar, normalize_dim, python_scalar, round_to, shape, val,

@@ -1,7 +1,7 @@
 """What the attention matcher found at one site: the operands and the folded score chain.
 
-Shared by matching (``attention.py``), folding the score chain (``score_chain.py``) and
-rewriting (``attention_rewrite.py``).
+Shared by matching (``fuse.py``), folding the score chain (``score_chain.py``) and
+rewriting (``rewrite.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch.fx as fx
 
-from fa_dynamo.passes.mask_lifting import Offset
+from fa_dynamo.passes.attention.mask_lifting import Offset
 
 class NotFusable(Exception):
     """Raised inside matching with the reason a site is left alone."""

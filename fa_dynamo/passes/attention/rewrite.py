@@ -16,12 +16,11 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa_dynamo.config import FastAttentionConfig
-from fa_dynamo.passes.attention_site import NotFusable, Operand, Scalar, Site
-from fa_dynamo.passes.mask_segments import SegmentIds, lift_segments
-from fa_dynamo.passes.matching import aten, dtype, is_op, normalize_dim, python_scalar, shape, val
+from fa_dynamo.passes.attention.site import NotFusable, Operand, Scalar, Site
+from fa_dynamo.passes.attention.mask_segments import SegmentIds, lift_segments
+from fa_dynamo.passes.matching import aten, dtype, is_op, known_equal, python_scalar, shape, undo_repeat_kv
 
 
 def _canonical_batch(site: Site) -> tuple:
@@ -41,14 +40,9 @@ def _output_layout(site: Site) -> Optional[Union[str, tuple]]:
     if site.out_permute is None:
         if len(have) == 1 and len(batch) == 2:
             return "flatten"
-        if _same_size(math.prod(have), math.prod(batch)):
+        if known_equal(math.prod(have), math.prod(batch)):
             return shape(site.pv)
     raise NotFusable(f"the probabilities have batch dims {have}, the masked scores {batch}")
-
-
-def _same_size(a: Any, b: Any) -> bool:
-    """Sizes known equal without adding a guard (symbolic ones through the shape environment)."""
-    return statically_known_true(a == b)
 
 
 def _sizes_from(graph: fx.Graph, sizes: tuple, alive: list) -> list:
@@ -67,7 +61,7 @@ def _sizes_from(graph: fx.Graph, sizes: tuple, alive: list) -> list:
             seen.add(node)
             dims = shape(node) or ()
             found = next((graph.call_function(aten.sym_size.int, (node, i))
-                          for i, d in enumerate(dims) if isinstance(d, torch.SymInt) and _same_size(d, size)), None)
+                          for i, d in enumerate(dims) if isinstance(d, torch.SymInt) and known_equal(d, size)), None)
             todo += node.all_input_nodes
         if found is None:
             raise NotFusable(f"no live graph value holds the symbolic size {size}")
@@ -175,45 +169,11 @@ def _reshape_batch(graph, node, have: tuple, want: tuple, sizes: list, role: str
 
 
 def _undo_repeat_kv(op: Operand, batch: tuple, mutated: frozenset) -> Optional[fx.Node]:
-    """``repeat_kv(x, n)`` (unsqueeze → expand → reshape) or ``repeat_interleave(x, n, 1)`` → x."""
-    if op.permute is not None or op.transpose_last or len(batch) != 2 or op.node in mutated:
+    """The K/V a repeated operand was made from (``matching.undo_repeat_kv``), for a plain
+    ``[B, H, S, D]`` operand (no permute or transpose in between)."""
+    if op.permute is not None or op.transpose_last or len(batch) != 2:
         return None
-    node = op.node
-    if is_op(node, aten.repeat_interleave) and len(node.args) >= 3 and node.args[2] in (1, -3):
-        src = node.args[0]
-        repeats = node.args[1]
-        whole = isinstance(repeats, int) or isinstance(val(repeats), torch.SymInt)  # not a tensor of counts
-        return src if whole and len(shape(src)) == 4 and src not in mutated else None
-    if not is_op(node, aten.reshape, aten.view, aten._unsafe_view):
-        return None
-    expand = node.args[0]
-    if not is_op(expand, aten.expand):
-        return None
-    unsq = expand.args[0]
-    skipped = []
-    while _is_full_slice(unsq):  # x[:, :, None, :, :] under dynamic shapes adds no-op slices
-        skipped.append(unsq)
-        unsq = unsq.args[0]
-    if not is_op(unsq, aten.unsqueeze) or set(skipped) & mutated:
-        return None
-    src = unsq.args[0]
-    if len(shape(src) or ()) != 4 or normalize_dim(unsq.args[1], 5) != 2:
-        return None
-    e = shape(expand)
-    b, hkv, s, d = shape(src)
-    if len(e) != 5 or (e[0], e[1], e[3], e[4]) != (b, hkv, s, d) or shape(node) != (b, hkv * e[2], s, d):
-        return None
-    return None if {src, unsq, expand} & mutated else src
-
-
-def _is_full_slice(node: Any) -> bool:
-    """``x[:, ..., :]`` along one dim: start 0, step 1, end at or past the dim's size."""
-    if not is_op(node, aten.slice):
-        return False
-    args = list(node.args) + [None] * (5 - len(node.args))
-    dim, start, end, step = args[1] or 0, args[2] or 0, args[3], args[4] or 1
-    size = shape(node.args[0])[dim]
-    return start == 0 and step == 1 and (end is None or end >= 2**62 or end == size)
+    return undo_repeat_kv(op.node, mutated)
 
 
 def _emit_scale(graph: fx.Graph, site: Site) -> Scalar:
@@ -368,7 +328,7 @@ def _emit_alibi(graph: fx.Graph, site: Site, sizes: list, q: fx.Node, op_dtype: 
             slope = call(aten.new_full.default, (q, [1, 1], term.scale), {"dtype": compute})
         else:
             lead = list(shape(term.bias)[:-2])
-            if _same_size(math.prod(shape(term.factor)), 1):
+            if known_equal(math.prod(shape(term.factor)), 1):
                 layout = [1, 1]
             elif term.bias in site.relayout:
                 layout = list(sizes)

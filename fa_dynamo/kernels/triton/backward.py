@@ -29,7 +29,7 @@ from fa_dynamo.kernels.backward_op import register_backward_op
 from fa_dynamo.kernels.exactness import unserved_rows
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import group_heads, masked_scores, rows_of
-from fa_dynamo.kernels.triton_attention import (
+from fa_dynamo.kernels.triton.forward import (
     _RESOURCE_ERRORS,
     LOG2E,
     _alibi_args,

@@ -26,7 +26,7 @@ weight, followed by any row-major reshapes (``view``/``reshape``/``unsqueeze``/`
 ``flatten``) and dtype casts. A bias or residual added after the wait stays where it is. Every
 elementwise reduction (sum, avg, max, min, product) commutes with cutting rows, so the result
 is the untiled one. The chunk count C is ``FA_DYNAMO_ALLREDUCE_CHUNKS``, or the cost model's
-choice (``fa_dynamo.passes.allreduce_cost``) when that is 0; the model keeps decode-sized M
+choice (``fa_dynamo.passes.allreduce.cost``) when that is 0; the model keeps decode-sized M
 untiled. With a dynamic token count, C is chosen at the size hint and a guard on M keeps the
 choice valid (decode and prefill compile into separate graphs). Without an initialized process
 group the pass does nothing.
@@ -60,9 +60,9 @@ import torch.fx as fx
 
 from fa_dynamo import kernels as _kernels  # noqa: F401  (registers fa_dynamo::attention)
 from fa_dynamo.config import FastAttentionConfig
-from fa_dynamo.passes import allreduce_cost as cost
+from fa_dynamo.passes.allreduce import cost
 from fa_dynamo.passes.base import GraphPass, PassReport, SiteReport
-from fa_dynamo.passes.matching import aten, describe, is_op, normalize_dim, op_arguments, val
+from fa_dynamo.passes.matching import aten, describe, is_op, known_equal_sizes, normalize_dim, op_arguments, val
 
 log = logging.getLogger(__name__)
 c10d = torch.ops._c10d_functional
@@ -313,15 +313,15 @@ def _match_attention(site: _Site) -> Optional[_AttentionChain]:
         raise NotSplit(f"the attention op's operands {unknown} are not known to be per query row or not")
     out = val(node)  # [B, H, Sq, Dv]
     transposes = [n for n in nodes if is_op(n, aten.transpose, aten.permute)]
-    reshapes = [n for n in nodes if is_op(n, *_RESHAPES) and not _same_sizes(val(n.args[0]).shape, val(n).shape)]
+    reshapes = [n for n in nodes if is_op(n, *_RESHAPES) and not known_equal_sizes(val(n.args[0]).shape, val(n).shape)]
     if len(transposes) != 1 or len(reshapes) != 1 or nodes.index(transposes[0]) > nodes.index(reshapes[0]):
         raise NotSplit("the attention output reaches the matmul other than by one transpose, then one reshape")
     if not _swaps_heads_and_rows(transposes[0]):
         raise NotSplit(f"{transposes[0].name} does not move the query rows next to the batch dim")
     merged_in, merged_out = val(reshapes[0].args[0]), val(reshapes[0])
-    if merged_in.dim() != 4 or merged_out.dim() != 3 or not _same_sizes(merged_in.shape[:2], merged_out.shape[:2]):
+    if merged_in.dim() != 4 or merged_out.dim() != 3 or not known_equal_sizes(merged_in.shape[:2], merged_out.shape[:2]):
         raise NotSplit(f"{reshapes[0].name} does not merge heads into features of [B, Sq, H·Dv]")
-    if not _same_sizes((out.shape[0], out.shape[2]), merged_out.shape[:2]):
+    if not known_equal_sizes((out.shape[0], out.shape[2]), merged_out.shape[:2]):
         raise NotSplit("the matmul input's rows are not the attention's [B, Sq]")
     return _AttentionChain(attention, nodes, out.shape[2], [u for u in outputs if u is not node])
 
@@ -333,12 +333,6 @@ def _swaps_heads_and_rows(node: fx.Node) -> bool:
     if is_op(node, aten.transpose):
         return sorted(normalize_dim(d, 4) for d in node.args[1:3]) == [1, 2]
     return [normalize_dim(d, 4) for d in node.args[1]] == [0, 2, 1, 3]
-
-
-def _same_sizes(a, b) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _attention_rows(graph: fx.Graph, chain: _AttentionChain, start: Size, end: Size) -> fx.Node:

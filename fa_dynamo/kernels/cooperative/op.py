@@ -52,7 +52,7 @@ from fa_dynamo.kernels.mask import TileKind
 from fa_dynamo.kernels.ops import check_inputs
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import compute_dtype, reference_attention, rows_of
-from fa_dynamo.kernels.staging import BlockStream, stage_keys
+from fa_dynamo.kernels.cooperative.staging import BlockStream, stage_keys
 
 STRATEGIES = ("auto", "host", "stream")
 DEFAULT_STAGE_BYTES = 32 << 20

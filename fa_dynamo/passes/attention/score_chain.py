@@ -15,9 +15,9 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fa_dynamo.passes.attention_site import AlibiTerm, NotFusable, Site
-from fa_dynamo.passes.mask_lifting import Offset, lift_hidden_set, lift_slope
-from fa_dynamo.passes.score_walk import Bias, Fill, Scale, ScoreEvent, Softcap, View
+from fa_dynamo.passes.attention.site import AlibiTerm, NotFusable, Site
+from fa_dynamo.passes.attention.mask_lifting import Offset, lift_hidden_set, lift_slope
+from fa_dynamo.passes.attention.score_walk import Bias, Fill, Scale, ScoreEvent, Softcap, View
 from fa_dynamo.passes.matching import (
     aten, dtype, insert_with_val, is_op, python_scalar, round_to, shape, val, writes_between,
 )

@@ -1,0 +1,1 @@
+"""The tiling-AllReduce pass (``tiling.AllReducePass``) and its cost model (``cost``)."""

@@ -70,15 +70,18 @@ def attention_backward(
 
 def row_gradients(grad_out, q, k, v, bias, mask, params: AttentionParams, rows: torch.Tensor):
     """``(dq, dk, dv)`` in the compute dtype: rows ``rows``' dq (zero elsewhere) and their shares of
-    dk, dv, by the chain rule of ``reference_attention`` in its own order — matmul, scale, bias
-    and ALiBi added, hidden scores replaced (no gradient through them unless ``fill_added``), softmax, matmul — so NaN
-    lands where autograd puts it. No softcap: ATen-served calls have none."""
-    kv_heads, ct = k.shape[1], compute_dtype(q.dtype)
+    dk, dv, by the chain rule of ``reference_attention`` in its own order — matmul, scale, softcap,
+    bias and ALiBi added, hidden scores replaced (no gradient through them unless ``fill_added``),
+    softmax, matmul — so NaN lands where autograd puts it (e.g. ``dv`` of a row whose scores are
+    all ``-inf``; 0 there with ``zero_empty_rows``, as ``_safe_softmax``'s backward gives). For
+    the fused backwards' rows the forward served through the reference: autograd does not record
+    inside a custom op, so the chain is written out."""
+    kv_heads, ct, device = k.shape[1], compute_dtype(q.dtype), q.device
     k_g, v_g = k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2)  # [B, Hkv, 1, Sk, D]
-    dq = torch.zeros(q.shape, dtype=ct)
-    dk = torch.zeros(k.shape, dtype=ct)
-    dv = torch.zeros(v.shape, dtype=ct)
-    k_idx = torch.arange(k.shape[2])
+    dq = torch.zeros(q.shape, dtype=ct, device=device)
+    dk = torch.zeros(k.shape, dtype=ct, device=device)
+    dv = torch.zeros(v.shape, dtype=ct, device=device)
+    k_idx = torch.arange(k.shape[2], device=device)
     for start in range(0, rows.numel(), params.block_q):
         idx = rows[start : start + params.block_q]
         row_params, row_mask = params.rows(idx), rows_of(mask, idx)
@@ -91,7 +94,11 @@ def row_gradients(grad_out, q, k, v, bias, mask, params: AttentionParams, rows: 
         hidden = hidden_scores(idx, k_idx, row_mask, row_params, kv_heads)
         if hidden is not None and not params.fill_added:
             ds = ds.masked_fill(hidden, 0)
+        q_g = group_heads(q.index_select(2, idx).to(ct), kv_heads)
+        if params.softcap > 0:
+            t = torch.tanh((q_g @ k_g.transpose(-1, -2)) * params.scale / params.softcap)
+            ds = ds * (1.0 - t * t)
         ds = ds * params.scale
         dq.index_copy_(2, idx, (ds @ k_g).flatten(1, 2))
-        dk += (ds.transpose(-1, -2) @ group_heads(q.index_select(2, idx).to(ct), kv_heads)).sum(2)
+        dk += (ds.transpose(-1, -2) @ q_g).sum(2)
     return dq, dk, dv

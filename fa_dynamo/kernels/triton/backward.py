@@ -24,11 +24,10 @@ import triton
 import triton.language as tl
 
 from fa_dynamo.logs import warn_once
-from fa_dynamo.kernels.backward import attention_backward
+from fa_dynamo.kernels.backward import attention_backward, row_gradients
 from fa_dynamo.kernels.backward_op import register_backward_op
 from fa_dynamo.kernels.exactness import unserved_rows
 from fa_dynamo.kernels.params import AttentionParams
-from fa_dynamo.kernels.reference import group_heads, masked_scores, rows_of
 from fa_dynamo.kernels.triton.forward import (
     _RESOURCE_ERRORS,
     LOG2E,
@@ -381,40 +380,12 @@ def _backward(grad_out, q, k, v, bias, mask, out, lse, params: AttentionParams):
 
 
 def _add_reference_rows(dq, dk, dv, rows, grad_out, q, k, v, bias, mask, params: AttentionParams):
-    """Add the reference's gradients of query rows ``rows`` (in place, fp32 buffers).
-
-    The reference backward is autograd through ``reference_attention``; this is the same chain
-    written out (autograd does not record inside a custom op): softmax backward, ``masked_fill``
-    backward (zero where hidden, unless ``fill_added``), tanh backward, the two matmuls. So NaN lands exactly where
-    autograd puts it (e.g. ``dv`` of a row whose scores are all ``-inf``; 0 there with
-    ``zero_empty_rows``, as ``_safe_softmax``'s backward gives).
-    """
-    num_kv_heads, keys = k.shape[1], torch.arange(k.shape[2], device=q.device)
-    scale, softcap = params.scale, params.softcap
-    k_c, v_c = k.float().unsqueeze(2), v.float().unsqueeze(2)  # [B, Hkv, 1, Sk, D]
-    for idx in rows.split(params.block_q):
-        q_r = q.index_select(2, idx)
-        params_r = params.rows(idx)
-        seg_r = params_r.segments
-        s = masked_scores(q_r, k, idx, rows_of(bias, idx), rows_of(mask, idx), params_r)  # [B, Hkv, G, n, Sk]
-        p = torch.ops.aten._safe_softmax(s, -1) if params.zero_empty_rows else torch.softmax(s, dim=-1)
-        do_r = group_heads(grad_out.index_select(2, idx).float(), num_kv_heads)
-        dp = do_r @ v_c.transpose(-1, -2)
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-        hidden = params.band.hidden(idx, keys)
-        if mask is not None:
-            hidden = hidden | group_heads(rows_of(mask, idx), num_kv_heads)
-        if seg_r is not None:
-            hidden = hidden | group_heads(seg_r.hidden(), num_kv_heads)
-        if not params.fill_added:
-            ds = ds.masked_fill(hidden, 0.0)
-        q_g = group_heads(q_r.float(), num_kv_heads)
-        if softcap > 0:
-            t = torch.tanh((q_g @ k_c.transpose(-1, -2)) * scale / softcap)
-            ds = ds * (1.0 - t * t)
-        dq.index_copy_(2, idx, (ds @ k_c).flatten(1, 2) * scale)
-        dk += (ds.transpose(-1, -2) @ q_g).sum(2) * scale
-        dv += (p.transpose(-1, -2) @ do_r).sum(2)
+    """Add the reference's gradients of query rows ``rows`` (``backward.row_gradients``) to the
+    kernels' fp32 buffers, in place: their dq replaces the kernel's zero contribution."""
+    row_dq, row_dk, row_dv = row_gradients(grad_out, q, k, v, bias, mask, params, rows)
+    dq.index_copy_(2, rows, row_dq.index_select(2, rows).to(dq.dtype))
+    dk += row_dk.to(dk.dtype)
+    dv += row_dv.to(dv.dtype)
 
 
 register_backward_op("attention_triton_backward", _backward)

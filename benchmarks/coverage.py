@@ -43,6 +43,8 @@ from typing import Optional
 
 import torch
 
+from fa_dynamo.passes.matching import op_arguments
+
 from benchmarks.timing import CpuLoad, describe_machine, machine_info
 from tests.models.corpus import ATTENTION_IMPLEMENTATIONS, FAMILIES, all_case_ids, build_case, build_model
 from tests.models.measure import ATTENTION_OP, Measured, eager_output, measure_fastattention, measure_inductor
@@ -82,12 +84,12 @@ def fused_operands(after: torch.fx.GraphModule) -> Counter:
     for n in after.graph.nodes:
         if n.target is not ATTENTION_OP:
             continue
-        q, k, v, bias, mask, scale, softcap, fill, lo, hi = n.args[:10]
+        args = op_arguments(n)  # the passes emit the op by argument name
         parts = []
-        if lo is not None or hi is not None:
+        if args["min_offset"] is not None or args["max_offset"] is not None:
             parts.append("band")
-        parts += [p for p in (_kind(mask, "mask"), _kind(bias, "bias")) if p]
-        if softcap:
+        parts += [p for p in (_kind(args["mask"], "mask"), _kind(args["bias"], "bias")) if p]
+        if args["softcap"]:
             parts.append("softcap")
         labels["+".join(parts) or "none"] += 1
     return labels

@@ -27,7 +27,7 @@ ATTENTION = "fa_dynamo.attention.default"
 
 def _rows_of_op(inputs: dict, params: dict, bounds: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(whole op's output, cat of the outputs of its query-row slices), both through one FX graph."""
-    from fa_dynamo.passes.allreduce.tiling import _query_row_arguments
+    from fa_dynamo.passes.allreduce.attention_split import query_row_arguments
 
     graph = fx.Graph()
     nodes = {}
@@ -41,7 +41,7 @@ def _rows_of_op(inputs: dict, params: dict, bounds: list) -> tuple[torch.Tensor,
                                 {"q_segments": nodes["q_segments"], "k_segments": nodes["k_segments"]})
     parts = []
     for start, end in bounds:
-        part = graph.call_function(whole.target, (), _query_row_arguments(graph, whole, start, end))
+        part = graph.call_function(whole.target, (), query_row_arguments(graph, whole, start, end))
         parts.append(graph.call_function(operator.getitem, (part, 0)))
     graph.output((graph.call_function(operator.getitem, (whole, 0)), graph.call_function(torch.cat, (parts, 2))))
     return fx.GraphModule({}, graph)(*[t for t in inputs.values() if t is not None])
@@ -73,10 +73,9 @@ def test_query_row_slices_are_the_rows_of_the_whole_op(kernel, sq, sk, band):
 
 
 def _o_proj_site(read_lse: bool):
-    """A traced ``attention → [0] → transpose(1, 2) → reshape → linear`` and the pass's site for the linear."""
+    """The linear of a traced ``attention → [0] → transpose(1, 2) → reshape → linear``."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from fa_dynamo.passes.allreduce.tiling import _Site
 
     def o_proj(q, k, v, w):
         out, lse = torch.ops.fa_dynamo.attention(q, k, v, None, None, 0.25, 0.0, float("-inf"), None, 0, "cpu", 16, 16)
@@ -87,31 +86,31 @@ def _o_proj_site(read_lse: bool):
     gm = make_fx(o_proj, pre_dispatch=True)(*(torch.randn(2, 3, 12, 8, generator=g) for _ in range(3)),
                                            torch.randn(16, 24, generator=g))
     linear = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
-    return _Site(reduce=None, wait=None, copy=None, matmul=linear)
+    return linear
 
 
 def test_the_chain_to_the_o_proj_is_recognized():
-    from fa_dynamo.passes.allreduce.tiling import _match_attention
+    from fa_dynamo.passes.allreduce.attention_split import match_attention
 
-    chain = _match_attention(_o_proj_site(read_lse=False))
+    chain = match_attention(_o_proj_site(read_lse=False))
     assert chain is not None and chain.seq == 12
     assert [str(n.target) for n in chain.nodes] == ["<built-in function getitem>", "aten.transpose.int", "aten.reshape.default"]
 
 
 def test_an_operand_of_unknown_kind_keeps_the_attention_whole(monkeypatch):
     """If the op's signature grows, the split stops until the new operand is classified."""
-    from fa_dynamo.passes.allreduce import tiling as allreduce
+    from fa_dynamo.passes.allreduce import attention_split
 
-    monkeypatch.setattr(allreduce, "_QUERY_INDEPENDENT", allreduce._QUERY_INDEPENDENT - {"k_segments"})
-    with pytest.raises(allreduce.NotSplit, match="k_segments"):
-        allreduce._match_attention(_o_proj_site(read_lse=False))
+    monkeypatch.setattr(attention_split, "_QUERY_INDEPENDENT", attention_split._QUERY_INDEPENDENT - {"k_segments"})
+    with pytest.raises(attention_split.NotSplit, match="k_segments"):
+        attention_split.match_attention(_o_proj_site(read_lse=False))
 
 
 def test_a_read_log_sum_exp_keeps_the_attention_whole():
-    from fa_dynamo.passes.allreduce import tiling as allreduce
+    from fa_dynamo.passes.allreduce import attention_split
 
-    with pytest.raises(allreduce.NotSplit, match="log-sum-exp"):
-        allreduce._match_attention(_o_proj_site(read_lse=True))
+    with pytest.raises(attention_split.NotSplit, match="log-sum-exp"):
+        attention_split.match_attention(_o_proj_site(read_lse=True))
 
 # --- what runs on each rank (module level: spawned processes import it) -----------------------
 

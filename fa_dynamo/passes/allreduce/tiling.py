@@ -41,7 +41,7 @@ the attention of chunk i+1 overlaps the all_reduce of chunk i (the paper's form)
                                        z = cat(wait(h_0), wait(h_1), ..., dim=1)
 
 Band offsets shift by each chunk's first row; biases, masks and segment ids with a query-row dim
-are sliced (``_query_row_arguments``). A chain that is not exactly that leaves the attention whole
+are sliced (``attention_split.query_row_arguments``). A chain that is not exactly that leaves the attention whole
 (the matmul is still tiled by token rows) and the log says why.
 """
 

@@ -58,7 +58,9 @@ def test_packed_decode_equals_float64(shape, band, mask, aten_calls):
     out = fa_dynamo.attention(q, k, v, kernel="cpu", **kw)
     ref = _reference(q, k, v, **kw)
     assert torch.equal(out.isnan(), ref.isnan())
-    assert (out.double() - ref).nan_to_num().abs().max() < 2e-6
+    eager = fa_dynamo.attention(q, k, v, kernel="reference", **kw)  # eager's float32 math: its rounding sets the bar
+    eager_err = (eager.double() - ref).nan_to_num().abs().max()
+    assert (out.double() - ref).nan_to_num().abs().max() <= 4 * eager_err + 1e-6
     (packed_q, packed_k, packed_v, _), = aten_calls
     assert packed_q.shape[1] == hkv and packed_q.shape[2] == sq * hq // hkv, "query heads folded into rows"
     assert packed_k.untyped_storage().data_ptr() == k.untyped_storage().data_ptr(), "K was copied"

@@ -244,7 +244,18 @@ def programs() -> st.SearchStrategy:
     return st.one_of(attention_programs(), attention_programs(), attention_programs(), near_miss_programs())
 
 
+@dataclass
+class _Draft:
+    """What the phases of ``_compose`` have drawn so far, read and added to phase by phase."""
+
+    near: str | None
+
+    def get(self, *names):
+        return tuple(getattr(self, n) for n in names)
+
+
 def _compose(draw, near):
+    """One program: the phases below, in this order (each draws, then writes its part)."""
     dtype = draw(st.sampled_from(DTYPES))
     if near in ("downcast_scores", "downcast_probs") and dtype == "bfloat16":
         dtype = "float32"
@@ -255,7 +266,22 @@ def _compose(draw, near):
     if dtype == "float32" and near is None and draw(st.integers(0, 9)) == 0:
         w.autocast = draw(st.sampled_from(["bfloat16", "float16"]))
         w.tag("autocast", w.autocast)
+    d = _Draft(near)
+    d.__dict__.update(copied=copied, dtype=dtype, w=w)
+    _draw_structure(draw, d)
+    _write_inputs(draw, d)
+    _write_gqa(draw, d)
+    _write_scale(draw, d)
+    _write_scores(draw, d)
+    _write_softcap(draw, d)
+    _write_masks(draw, d)
+    _write_softmax(draw, d)
+    return _write_pv(draw, d)
 
+
+def _draw_structure(draw, d: _Draft):
+    """The structure first (it constrains the shapes), then the shapes and the fill."""
+    copied, dtype, near, w = d.get('copied', 'dtype', 'near', 'w')
     # structure first (constraints on shapes), shapes last
     simple = near is not None
     qk = "matmul" if simple else draw(st.sampled_from(QK_SPELLINGS))
@@ -313,7 +339,15 @@ def _compose(draw, near):
         fill = draw(st.sampled_from(["-10000.0", "-5.0", "torch.finfo(s.dtype).min"]))
     if near == "downcast_scores":
         fill = "NEG_INF"  # the scores are float16/bfloat16 from there on
+    d.__dict__.update(
+        dynamic=dynamic, fill=fill, gqa=gqa, grad=grad, heads=heads, hkv=hkv, hq=hq, inplace=inplace, kinds=kinds,
+        layout=layout, qk=qk, shapes=shapes, simple=simple, sk_is=sk_is, softmax=softmax, two_sites=two_sites
+    )
 
+
+def _write_inputs(draw, d: _Draft):
+    """q, k, v (or one packed qkv) as inputs, in the drawn layout."""
+    dtype, hkv, hq, layout, near, qk, w = d.get('dtype', 'hkv', 'hq', 'layout', 'near', 'qk', 'w')
     # inputs
     q_shape = "b, sq, hq, d" if layout == "bshd" else "b, hq, sq, d"
     kv_heads = "hq" if near == "k_only_gqa" else "hkv"
@@ -340,6 +374,11 @@ def _compose(draw, near):
     if layout == "bshd" and qk not in ("einsum_bshd", "matmul_bshd"):
         w(draw(st.sampled_from(["q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)",
                                 "q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))"])))
+
+
+def _write_gqa(draw, d: _Draft):
+    """K/V heads repeated for the query heads (repeat_kv, repeat_interleave, broadcast)."""
+    copied, gqa, heads, near, qk, w = d.get('copied', 'gqa', 'heads', 'near', 'qk', 'w')
     # GQA
     head_dim = "2" if qk in ("einsum_bshd", "matmul_bshd") else "1"
     if gqa != "none" or near in ("k_only_gqa", "v_only_gqa", "mismatched_gqa"):
@@ -369,6 +408,10 @@ def _compose(draw, near):
                                             f"{t} = torch.repeat_interleave({t}, n, dim={head_dim})"])))
                 # broadcast: nothing to write, matmul broadcasts the single key/value head
 
+
+def _write_scale(draw, d: _Draft):
+    """Where the scale is applied (scores, q, k, both, baddbmm's alpha) and copies written after."""
+    copied, near, qk, shapes, simple, w = d.get('copied', 'near', 'qk', 'shapes', 'simple', 'w')
     # scale
     placement = "scores" if simple else draw(st.sampled_from(["scores", "none", "q", "k", "q_and_k"]))
     if qk == "baddbmm":
@@ -396,8 +439,15 @@ def _compose(draw, near):
         which = draw(st.sampled_from(["q", "k"]))
         w(f"{which} = {which} * 0.5")
         w(f"{which}[:, :, :1] = 0.0  # overwrite the first position of the scaled {which}")
+    d.__dict__.update(c=c, how=how, placement=placement)
 
+
+def _write_scores(draw, d: _Draft):
+    """Q·Kᵀ in the drawn spelling, the scale on the scores, and the near-misses there."""
+    c, how, inplace, kinds, near, placement, qk, simple, sk_is, w = d.get(
+        'c', 'how', 'inplace', 'kinds', 'near', 'placement', 'qk', 'simple', 'sk_is', 'w')
     # Q·Kᵀ
+    bias3d = view_4d = False  # set by the bmm forms only
     letters = draw(st.sampled_from(EINSUM_LETTERS))
     lb, lh, lq, lk, ld = letters
     scores_3d = False
@@ -458,7 +508,12 @@ def _compose(draw, near):
         w(draw(st.sampled_from(["s = s.to(torch.bfloat16)", "s = s.half()"])))
     if near == "negative_softcap":  # tanh is odd: this is a softcap of 5
         w("s = torch.tanh(s / -5.0) * -5.0")
+    d.__dict__.update(bias3d=bias3d, letters=letters, scores_3d=scores_3d, state=state, view_4d=view_4d)
 
+
+def _write_softcap(draw, d: _Draft):
+    """A tanh softcap, then the 3-D bias and 4-D view of the bmm forms."""
+    bias3d, qk, simple, view_4d, w = d.get('bias3d', 'qk', 'simple', 'view_4d', 'w')
     # softcap (before any bias: baddbmm's input is one)
     if not simple and not w.inputs_named("alibi") and draw(st.integers(0, 7)) == 0:
         cap = draw(st.sampled_from(["5.0", "20.0", "50.0"]))
@@ -474,6 +529,11 @@ def _compose(draw, near):
         if view_4d:
             w("s = s.view(bsz, nh, lq, lk)")
 
+
+def _write_masks(draw, d: _Draft):
+    """The masks (and the near-misses among them)."""
+    c, copied, dtype, fill, how, kinds, near, shapes, state, w = d.get(
+        'c', 'copied', 'dtype', 'fill', 'how', 'kinds', 'near', 'shapes', 'state', 'w')
     # masks
     if copied == "mask":  # a padding mask combined into a band, then written
         kinds = []
@@ -509,6 +569,10 @@ def _compose(draw, near):
     w.tag("masks", "+".join(kinds) or "none")
     w.tag("fill", fill.replace(" ", ""))
 
+
+def _write_softmax(draw, d: _Draft):
+    """The softmax spelling, what follows it, dropout."""
+    near, scores_3d, simple, softmax, w = d.get('near', 'scores_3d', 'simple', 'softmax', 'w')
     # softmax
     last = "2" if scores_3d else "3"
     w.tag("softmax", softmax.split("(")[0] if softmax != "manual" else "manual")
@@ -536,6 +600,11 @@ def _compose(draw, near):
     if near == "transposed_probs":
         w("p = p.mT")
 
+
+def _write_pv(draw, d: _Draft) -> Program:
+    """P·V, a second site, the heads merged, what is returned; the program."""
+    dynamic, gqa, grad, layout, letters, near, qk, scores_3d, shapes, simple, two_sites, w = d.get(
+        'dynamic', 'gqa', 'grad', 'layout', 'letters', 'near', 'qk', 'scores_3d', 'shapes', 'simple', 'two_sites', 'w')
     # P·V
     pv = _render_pv(draw, w, qk, layout, scores_3d, gqa, letters, simple)
     w.tag("pv", pv)

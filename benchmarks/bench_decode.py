@@ -14,8 +14,8 @@
   must read, against the machine's read bandwidth (``timing.read_bandwidth``, a ``sum`` over
   1 GiB). Each call reads its own copy of K/V, rotating over copies larger than the last-level
   cache together, as a model's layers do.
-* **model**: a GQA Llama as transformers ships it (SDPA), 2 layers, hidden 1024, 8 query / 2
-  key-value heads × 128, vocabulary 32000, random weights, fp32, batch 1: one decode step over
+* **model**: a GQA Llama as transformers ships it (SDPA), 2 layers, hidden 1024, 32 query / 8
+  key-value heads × 128 (the op's heads, Llama-3-8B's), vocabulary 32000, random weights, fp32, batch 1: one decode step over
   a StaticCache of S slots filled to L (no recompile as L changes), and over a DynamicCache of L
   tokens (sequence dim marked dynamic); uncompiled vs Inductor vs fastattention, tokens/s and
   logits against uncompiled. The caches are filled with random keys/values, not by a prefill.
@@ -70,13 +70,13 @@ def _op_cases(contexts_b1, contexts_b8, bf16_contexts):
     return tuple(cases)
 
 
-LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=8,
-             num_key_value_heads=2, head_dim=128, vocab_size=32000)
+LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=128, vocab_size=32000)
 FULL = Plan(_op_cases((1024, 4096, 16384, 32768, 65536), (1024, 4096), (4096, 32768)), (32, 8, 128),
             768 << 20, LLAMA, 32768, (1024, 8192, 16384), (1024, 8192, 16384), 7, 1.0)
 QUICK = Plan(_op_cases((4096, 32768), (4096,), (4096,)), (32, 8, 128), 768 << 20, LLAMA, 8192, (4096,), (4096,), 5, 1.0)
 SMOKE = Plan(((1, "fp32", "dynamic", 256), (1, "fp32", "static", 256), (2, "bf16", "dynamic", 128)), (4, 2, 16),
-             1 << 20, dict(LLAMA, hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16,
+             1 << 20, dict(LLAMA, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            vocab_size=256), 512, (100, 300), (100,), 2, 0.05)
 
 

@@ -100,6 +100,39 @@ def test_one_nan_anywhere_is_nan_exactly_where_eager_has_it(path, tensor, key):
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("path", ["packed", "causal", "window", "dense mask"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+@pytest.mark.parametrize("key", [5, 420, 699])
+def test_an_infinite_value_anywhere_is_nan_exactly_where_eager_has_it(path, value, key):
+    """``0 · inf`` is NaN: an infinite value behind a mask or outside the band, which the kernel
+    never reads, makes its heads' rows NaN in eager, so it must in the op too; one a row sees
+    makes it infinite."""
+    g = torch.Generator().manual_seed(hash((path, value, key)) % 2**31)
+    q, k, v, kw = _case(path, g)
+    v[0, 1, min(key, v.shape[2] - 1), 3] = value
+    out = fa_dynamo.attention(q, k, v, kernel="cpu", **kw)
+    ref = _reference(q, k, v, **kw)
+    assert not ref.isfinite().all()
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("path", ["packed", "causal", "window", "dense mask"])
+def test_an_infinite_key_behind_an_added_fill_is_nan_as_in_eager(path):
+    """``fill_added``: the score at a hidden key of ``+inf`` is ``inf + fill``, +inf, and the
+    row's softmax is NaN."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v, kw = _case(path, g)
+    kw = dict(kw, fill_added=True)
+    key = 450 if path == "packed" else 600
+    k[0, 1, key] = float("inf") * q[0, q.shape[1] - 1, 0].sign()  # q·k = +inf for row 0 of the last head
+    k[0, 1, key, 1:] = 0.0
+    out = fa_dynamo.attention(q, k, v, kernel="cpu", **kw)
+    ref = _reference(q, k, v, **kw)
+    assert ref[0, q.shape[1] - 1].isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5, equal_nan=True)
+
+
 def test_a_nan_key_behind_a_minus_inf_bias_is_nan_as_in_eager():
     """A ``-inf`` bias adds, it does not replace: eager's score at a NaN key is NaN even where
     the bias hides it, though the packed path does not hand that key to ATen."""
@@ -135,8 +168,8 @@ def test_the_nan_check_reads_only_the_keys_the_kernel_did_not(monkeypatch):
     """Decode over a half-filled static cache: the check sums the unfilled values, not K or the
     filled values (which the kernel read, and whose NaN would show in its output)."""
     summed = []
-    real = exactness.has_nan
-    monkeypatch.setattr(exactness, "has_nan", lambda t: summed.append(None if t is None else t.shape) or real(t))
+    real = exactness.has_nonfinite
+    monkeypatch.setattr(exactness, "has_nonfinite", lambda t: summed.append(None if t is None else t.shape) or real(t))
     g = torch.Generator().manual_seed(1)
     q, k, v, kw = _case("packed", g)
     fa_dynamo.attention(q, k, v, kernel="cpu", **kw)

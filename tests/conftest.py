@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -20,6 +21,12 @@ settings.register_profile("long", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ATTENTION_OP = torch.ops.fa_dynamo.attention.default
+
+
+def generator_for(*case) -> torch.Generator:
+    """A generator seeded from a test case's parameters, the same in every process (``hash()``
+    of a string is salted per process, so a seed drawn from it cannot be replayed)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
 
 
 def count_ops(gm: torch.fx.GraphModule, target=ATTENTION_OP) -> int:

@@ -17,6 +17,7 @@ import torch
 
 import fa_dynamo
 from fa_dynamo.kernels import cpu, exactness
+from tests.conftest import generator_for
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 NAN = float("nan")
@@ -89,7 +90,7 @@ def _case(path: str, g: torch.Generator):
 def test_one_nan_anywhere_is_nan_exactly_where_eager_has_it(path, tensor, key):
     """A key hidden by a mask or a band (replaced scores) ignores its NaN; any NaN value, read or
     not, makes its heads' rows NaN (0 · NaN); a NaN query row is NaN."""
-    g = torch.Generator().manual_seed(hash((path, tensor, key)) % 2**31)
+    g = generator_for(path, tensor, key)
     q, k, v, kw = _case(path, g)
     t = {"q": q, "k": k, "v": v}[tensor]
     index = min(key, t.shape[2] - 1)
@@ -107,7 +108,7 @@ def test_an_infinite_value_anywhere_is_nan_exactly_where_eager_has_it(path, valu
     """``0 · inf`` is NaN: an infinite value behind a mask or outside the band, which the kernel
     never reads, makes its heads' rows NaN in eager, so it must in the op too; one a row sees
     makes it infinite."""
-    g = torch.Generator().manual_seed(hash((path, value, key)) % 2**31)
+    g = generator_for(path, value, key)
     q, k, v, kw = _case(path, g)
     v[0, 1, min(key, v.shape[2] - 1), 3] = value
     out = fa_dynamo.attention(q, k, v, kernel="cpu", **kw)

@@ -19,7 +19,6 @@ the communication check.
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import generator_for
 from tests.distributed.spawn import free_port
 
 pytestmark = pytest.mark.skipif(
@@ -101,7 +101,7 @@ def check_example(group, batch, t, k, n, spelling, dtype, chain, after, collecti
     torch._dynamo.reset()
     from fa_dynamo.backend import FastAttentionBackend
 
-    g = torch.Generator().manual_seed(zlib.crc32(repr((batch, t, k, n, spelling, chain, after, collective, chunks)).encode()))
+    g = generator_for(batch, t, k, n, spelling, chain, after, collective, chunks)
     x = torch.randn(*batch, t, k, generator=g).to(dtype)
     w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)

@@ -21,6 +21,7 @@ import pytest
 # CI runs the suite from a copy of tests/ next to the installed wheel; it names the checkout here.
 SOURCE = Path(os.environ.get("FASTATTENTION_SOURCE_TREE", Path(__file__).resolve().parents[1]))
 PACKAGE_FILES = ("setup.cfg", "pyproject.toml", "README.md")
+SOURCE_PATTERNS = ("*.py", "*.cpp")  # modules, and the C++ kernels built on first use
 
 USE_INSTALLED = r"""
 import importlib, pkgutil, sys
@@ -43,6 +44,8 @@ for name, module in list(sys.modules.items()):  # all from the wheel, none rescu
     if name.split(".")[0] == "fa_dynamo":
         where = module.__file__  # None: a folder without __init__.py, left out of the wheel
         assert where and Path(where).resolve().is_relative_to(Path(sys.argv[1]).resolve()), (name, where)
+from fa_dynamo.kernels import decode_kernel  # its C++ source ships in the wheel and builds from there
+assert decode_kernel.SOURCE.resolve().is_relative_to(Path(sys.argv[1]).resolve()) and decode_kernel.decode_kernel_available()
 print("fused", fa_dynamo.explain(attention, q, k, v).fused)
 """
 
@@ -51,7 +54,8 @@ def _source_modules() -> set[str]:
     root = SOURCE / "fa_dynamo"
     if not root.is_dir():
         raise FileNotFoundError(f"no source tree at {SOURCE}: set FASTATTENTION_SOURCE_TREE to the checkout")
-    return {p.relative_to(SOURCE).as_posix() for p in root.rglob("*.py") if "__pycache__" not in p.parts}
+    return {p.relative_to(SOURCE).as_posix() for pattern in SOURCE_PATTERNS for p in root.rglob(pattern)
+            if "__pycache__" not in p.parts}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_every_source_module(wheel):
     with zipfile.ZipFile(wheel) as zf:
-        packaged = {n for n in zf.namelist() if n.startswith("fa_dynamo/") and n.endswith(".py")}
+        packaged = {n for n in zf.namelist() if n.startswith("fa_dynamo/") and n.endswith((".py", ".cpp"))}
         entry_points = next(zf.read(n).decode() for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))
     assert packaged == _source_modules(), (
         f"missing from the wheel: {sorted(_source_modules() - packaged)}; "

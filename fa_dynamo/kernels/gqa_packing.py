@@ -5,7 +5,8 @@ CPU flash kernel maps each query head to its K/V head, which reads the K/V of a 
 query head: G times. Packing folds the G query heads of a group into the rows of one problem
 (row ``g·Sq + i`` is query ``i`` of the group's head ``g``, keeping its position ``i`` for the
 band), so K/V are read once per group (and, when that leaves cores idle, cut across them:
-``split_keys.py``). Only the keys some row can see are handed to ATen (a
+``split_keys.py``). In float32 with up to 16 rows the call goes to the C++ decode kernel
+(``decode_kernel.py``), else to ATen's. Only the keys some row can see are handed over (a
 view of the cache, never a copy); the band's partial rows, the dense bias and the mask become
 one additive ``[B|1, Hkv|1, G·Sq, keys]`` mask, small next to K/V for short chunks.
 
@@ -19,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from fa_dynamo.kernels.decode_kernel import decode_attention, decode_kernel_serves
 from fa_dynamo.kernels.exactness import aten_lse
 from fa_dynamo.kernels.mask import TileKind
 from fa_dynamo.kernels.params import AttentionParams
@@ -55,7 +57,11 @@ def packed_attention(q, k, v, bias, mask, params: AttentionParams):
     additive = _packed_mask(bias, mask, params, q, kv_heads, k0, k1)
     k_s, v_s = k[:, :, k0:k1], v[:, :, k0:k1]
     splits = key_splits(batch * kv_heads, k1 - k0, torch.get_num_threads())
-    split = None if splits == 1 else split_key_attention(packed_q, k_s, v_s, additive, params.scale, splits)
+    split = None
+    if decode_kernel_serves(packed_q, k_s, v_s, rows):
+        split = decode_attention(packed_q, k_s, v_s, additive, params.scale, splits)
+    elif splits > 1:
+        split = split_key_attention(packed_q, k_s, v_s, additive, params.scale, splits)
     if split is not None:
         out, lse = split
     else:

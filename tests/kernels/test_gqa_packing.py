@@ -1,8 +1,9 @@
 """GQA packing (``kernels/gqa_packing.py``): decode-shaped calls read K/V once per group.
 
 Each case is checked against float64 dense math, and the ATen call the packed path makes is
-inspected: one call, K/V heads (not query heads) as its heads, K/V handed over as views of the
-inputs (no copy), and only the keys some row can see.
+inspected: one call (to the C++ decode kernel, and to ATen's with it turned off), K/V heads (not
+query heads) as its heads, K/V handed over as views of the inputs (no copy), and only the keys
+some row can see.
 """
 
 from __future__ import annotations
@@ -12,15 +13,28 @@ import torch
 
 import fa_dynamo
 from fa_dynamo.kernels import gqa_packing
+from fa_dynamo.kernels.decode_kernel import decode_kernel_available
 from tests.conftest import generator_for
 
 FINFO_MIN = torch.finfo(torch.float32).min
 
 
-@pytest.fixture
-def aten_calls(monkeypatch):
-    """The (q, k, v, attn_mask) of every ATen flash call the packed path makes."""
+@pytest.fixture(params=["cpp", "aten"])
+def packed_calls(request, monkeypatch):
+    """The (q, k, v, additive mask) of every call the packed path makes to its primitive: the C++
+    decode kernel, or ATen's flash kernel with the C++ kernel turned off."""
     calls = []
+    if request.param == "cpp":
+        assert decode_kernel_available(), "the C++ decode kernel did not build (see the fa_dynamo log)"
+        real_cpp = gqa_packing.decode_attention
+
+        def spy_cpp(q, k, v, additive, scale, splits):
+            calls.append((q, k, v, additive))
+            return real_cpp(q, k, v, additive, scale, splits)
+
+        monkeypatch.setattr(gqa_packing, "decode_attention", spy_cpp)
+    else:
+        monkeypatch.setattr(gqa_packing, "decode_kernel_serves", lambda *args: False)
     real = gqa_packing._flash_cpu
 
     def spy(q, k, v, dropout, causal, *, attn_mask=None, scale=None):
@@ -46,7 +60,7 @@ def _mask(kind: str, g: torch.Generator, b: int, hq: int, sq: int, sk: int):
 @pytest.mark.parametrize("shape", [(1, 32, 8, 1, 700), (2, 8, 2, 3, 130), (2, 4, 1, 5, 77), (1, 6, 3, 1, 1)])
 @pytest.mark.parametrize("band", ["none", "causal", "window"])
 @pytest.mark.parametrize("mask", ["none", "keys", "rows", "heads"])
-def test_packed_decode_equals_float64(shape, band, mask, aten_calls):
+def test_packed_decode_equals_float64(shape, band, mask, packed_calls):
     b, hq, hkv, sq, sk = shape
     g = generator_for(shape, band, mask)
     q = torch.randn(b, hq, sq, 32, generator=g)
@@ -62,35 +76,35 @@ def test_packed_decode_equals_float64(shape, band, mask, aten_calls):
     eager = fa_dynamo.attention(q, k, v, kernel="reference", **kw)  # eager's float32 math: its rounding sets the bar
     eager_err = (eager.double() - ref).nan_to_num().abs().max()
     assert (out.double() - ref).nan_to_num().abs().max() <= 4 * eager_err + 1e-6
-    (packed_q, packed_k, packed_v, _), = aten_calls
+    (packed_q, packed_k, packed_v, _), = packed_calls
     assert packed_q.shape[1] == hkv and packed_q.shape[2] == sq * hq // hkv, "query heads folded into rows"
     assert packed_k.untyped_storage().data_ptr() == k.untyped_storage().data_ptr(), "K was copied"
     assert packed_v.untyped_storage().data_ptr() == v.untyped_storage().data_ptr(), "V was copied"
 
 
 @pytest.mark.parametrize("fill", [float("-inf"), FINFO_MIN])
-def test_a_static_cache_reads_only_its_filled_slots(fill, aten_calls):
+def test_a_static_cache_reads_only_its_filled_slots(fill, packed_calls):
     """gpt-fast / transformers' static cache: a dense mask hides the slots past the filled length;
     those keys are never handed to the kernel, and rows that see nothing match eager too."""
     g = torch.Generator().manual_seed(3)
     slots, filled = 512, 200
-    q = torch.randn(2, 8, 1, 16, generator=g)
-    k, v = (torch.randn(2, 2, slots, 16, generator=g) for _ in range(2))
+    q = torch.randn(2, 8, 1, 32, generator=g)
+    k, v = (torch.randn(2, 2, slots, 32, generator=g) for _ in range(2))
     hidden = torch.arange(slots) >= filled  # unfilled slots
     mask = hidden.expand(2, 1, 1, slots).clone()
     mask[1, :, :, 150:] = True  # the second sequence is shorter
     out = fa_dynamo.attention(q, k, v, mask=mask, fill=fill, kernel="cpu")
     ref = _reference(q, k, v, mask=mask, fill=fill)
     assert (out.double() - ref).abs().max() < 2e-6
-    (_, packed_k, _, _), = aten_calls
+    (_, packed_k, _, _), = packed_calls
     assert packed_k.shape[2] == filled
 
 
-def test_a_bias_and_finite_fill_padding_row_is_exact():
+def test_a_bias_and_finite_fill_padding_row_is_exact(packed_calls):
     """A row the mask hides whole under a finite fill averages V (eager's softmax of equal scores)."""
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 4, 2, 16, generator=g)
-    k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(2))
+    q = torch.randn(1, 4, 2, 32, generator=g)
+    k, v = (torch.randn(1, 2, 64, 32, generator=g) for _ in range(2))
     bias = torch.randn(1, 4, 2, 64, generator=g)
     mask = torch.zeros(1, 1, 2, 64, dtype=torch.bool)
     mask[..., 1, :] = True
@@ -100,26 +114,27 @@ def test_a_bias_and_finite_fill_padding_row_is_exact():
     assert torch.allclose(out[0, :, 1].double(), v.double().mean(2).repeat_interleave(2, 1)[0], atol=1e-6)
 
 
-def test_nan_in_a_hidden_value_is_nan_as_in_eager():
+def test_nan_in_a_hidden_value_is_nan_as_in_eager(packed_calls):
     """Eager multiplies the 0 probabilities of hidden keys with V: a NaN there makes the row NaN."""
-    q = torch.randn(1, 4, 1, 8)
-    k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    q = torch.randn(1, 4, 1, 32)
+    k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32)
     v[0, 0, 30] = float("nan")
     out = fa_dynamo.attention(q, k, v, max_offset=20, kernel="cpu")  # key 30 is past the band
     ref = _reference(q, k, v, max_offset=20)
     assert torch.equal(out.isnan(), ref.isnan()) and out[0, :2].isnan().all()
+    assert len(packed_calls) == 1
 
 
 @pytest.mark.parametrize("case", ["no_groups", "long_chunk", "segments"])
-def test_other_calls_take_the_tiled_path(case, aten_calls):
-    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+def test_other_calls_take_the_tiled_path(case, packed_calls):
+    q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 30, 32), torch.randn(1, 2, 30, 32)
     kw = {}
     if case == "no_groups":
-        k, v = torch.randn(1, 4, 30, 8), torch.randn(1, 4, 30, 8)
+        k, v = torch.randn(1, 4, 30, 32), torch.randn(1, 4, 30, 32)
     elif case == "long_chunk":
-        q = torch.randn(1, 4, gqa_packing.PACK_MAX_ROWS, 8)
+        q = torch.randn(1, 4, gqa_packing.PACK_MAX_ROWS, 32)
     else:
         kw = dict(q_segments=torch.zeros(1, 1, dtype=torch.long), k_segments=torch.zeros(1, 30, dtype=torch.long))
     out = fa_dynamo.attention(q, k, v, kernel="cpu", **kw)
     assert (out.double() - _reference(q, k, v, **kw)).abs().max() < 2e-6
-    assert aten_calls == []
+    assert packed_calls == []

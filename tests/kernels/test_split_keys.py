@@ -83,16 +83,21 @@ def four_threads():
     torch.set_num_threads(before)
 
 
-def test_mqa_decode_is_split_and_exact(four_threads, monkeypatch):
-    """An MQA decode step over a half-filled static cache through the op: split, views only."""
+@pytest.mark.parametrize("primitive", ["cpp", "aten"])
+def test_mqa_decode_is_split_and_exact(primitive, four_threads, monkeypatch):
+    """An MQA decode step over a half-filled static cache through the op: split (by the C++
+    decode kernel, or over ATen's with it turned off), views only."""
     calls = []
-    real = split_keys.split_key_attention
+    name = "decode_attention" if primitive == "cpp" else "split_key_attention"
+    real = getattr(gqa_packing, name)
 
     def spy(q, k, v, additive, scale, splits):
         calls.append((k, splits))
         return real(q, k, v, additive, scale, splits)
 
-    monkeypatch.setattr(gqa_packing, "split_key_attention", spy)
+    monkeypatch.setattr(gqa_packing, name, spy)
+    if primitive == "aten":
+        monkeypatch.setattr(gqa_packing, "decode_kernel_serves", lambda *args: False)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 8, 1, 32, generator=g)
     k, v = (torch.randn(1, 1, 8192, 32, generator=g) for _ in range(2))

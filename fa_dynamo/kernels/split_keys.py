@@ -103,11 +103,17 @@ def split_key_attention(q, k, v, additive: Optional[torch.Tensor], scale: Option
                                         attn_mask=None if full is None else full[..., body:], scale=scale)
         outs.append(tail_out.float().reshape(batch * heads, 1, rows, -1))
         lses.append(aten_lse(tail_lse.reshape(batch * heads, 1, rows), tail_dead))
-    out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)  # [B·H, chunks, R, Dv], [B·H, chunks, R]
-    top = lse.amax(dim=1, keepdim=True)
+    merged, merged_lse = merge_chunks(torch.cat(outs, dim=1), torch.cat(lses, dim=1), dim=1)
+    return (merged.reshape(batch, heads, rows, -1).to(q.dtype), merged_lse.reshape(batch, heads, rows))
+
+
+def merge_chunks(out: torch.Tensor, lse: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial results over disjoint key chunks (``out`` normalized per chunk, float32, chunks on
+    ``dim``; ``lse`` the same shape without the value dim, -inf for a chunk a row saw nothing of)
+    merged into one ``(out, lse)``; lse is -inf where no chunk saw a key, and NaN carries through."""
+    top = lse.amax(dim=dim, keepdim=True)
     top = torch.where(torch.isneginf(top), 0.0, top)
     weight = torch.exp(lse - top)
-    total = weight.sum(dim=1)
-    merged = (out * weight.unsqueeze(-1)).sum(dim=1) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
-    merged_lse = top.squeeze(1) + torch.log(total)  # -inf where no chunk saw a key
-    return (merged.reshape(batch, heads, rows, -1).to(q.dtype), merged_lse.reshape(batch, heads, rows))
+    total = weight.sum(dim=dim)
+    merged = (out * weight.unsqueeze(-1)).sum(dim=dim) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+    return merged, top.squeeze(dim) + torch.log(total)

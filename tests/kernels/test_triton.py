@@ -166,6 +166,37 @@ def test_shapes_and_masks(shape, kw_extra):
     assert (lse.isneginf() == out.isnan().all(-1)).all()
 
 
+@pytest.mark.parametrize("shape, threads, expected", [
+    ((1, 8, 1, 1, 3000, 32, 32), 4, (True, 2)),   # MQA decode: one problem, keys split across programs
+    ((1, 4, 2, 3, 2500, 32, 32), 4, (True, 2)),   # speculative decoding: 2 · 3 rows per group
+    ((2, 8, 2, 2, 300, 64, 64), 2, (True, 1)),    # 4 problems keep 2 units busy
+    ((1, 4, 4, 1, 300, 32, 32), 2, (False, 1)),   # no groups: nothing to pack
+    ((1, 4, 1, 20, 300, 32, 32), 2, (False, 1)),  # 80 packed rows: a long chunk
+])
+@pytest.mark.parametrize("masks", ["none", "causal", "window", "bias+window", "causal+mask"])
+def test_decode_is_packed_and_split_and_exact(shape, threads, expected, masks, monkeypatch):
+    """Short chunks of grouped heads run as one program per K/V head (rows = the group's heads ×
+    the chunk's positions), split along the keys when the programs leave units idle."""
+    launches = []
+    real = triton_attention._launch
+
+    def spy(kernel, grid_of, args, consts, *rest, **kw):
+        launches.append((consts["PACKED"], grid_of({"BLOCK_M": 16, "BLOCK_N": 128})))
+        return real(kernel, grid_of, args, consts, *rest, **kw)
+
+    monkeypatch.setattr(triton_attention, "_launch", spy)
+    if DEVICE == "cpu":  # the interpreter's units are the CPU threads
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    q, k, v, kw = _case(shape, torch.float32, masks, seed=shape[4])
+    out, lse = _run(q, k, v, kw, shape[5] ** -0.5, block_q=16, block_k=128)
+    _check_accuracy(out, q, k, v, kw, shape[5] ** -0.5)
+    (packed, grid), = launches
+    b, hq, hkv, sq = shape[:4]
+    if DEVICE == "cpu":
+        assert (packed, grid[2]) == expected
+    assert grid[1] == b * (hkv if packed else hq)
+
+
 @pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min, -10.0])
 def test_fully_masked_rows_follow_eager(fill):
     """-inf rows are NaN; finite-filled rows average V uniformly; small fills are not negligible."""
@@ -466,6 +497,8 @@ fn = {"fwd": ta._attn_fwd, "dkdv": tb._attn_bwd_dkdv, "dq": tb._attn_bwd_dq}[ker
 consts = dict(HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, HAS_LO=True, HAS_HI=True, HAS_BIAS=True,
               HAS_MASK=True, HAS_SEG=True, HAS_ALIBI=True, SEG_SKIP=True, SOFTCAP=True, LIBDEVICE=True, DOT_F32=False,
               PRECISION="ieee" if dtype == "fp32" else None, BLOCK_M=64 if kernel == "fwd" else 32, BLOCK_N=32)
+if kernel == "fwd":
+    consts.update(PACKED=True, SPLIT=True)  # decode: GQA packing and split-K
 pointers = {"Mask": "*u8", "QSeg": "*i64", "KSeg": "*i64", "Slopes": "*fp32", "SegRuns": "*i32", "Lse": "*fp32",
             "Delta": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32"}
 signature = {n: "constexpr" if n in consts else pointers.get(n, f"*{dtype}") if n[0].isupper() and n not in
@@ -482,7 +515,8 @@ print("shared", compiled.metadata.shared)
                                            ("hip", "gfx942")])
 @pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
 def test_kernels_compile_for_gpu_targets(backend, arch, kernel, request):
-    """Ahead-of-time compilation (no GPU needed): every mask feature on, head dim 80 padded to 128."""
+    """Ahead-of-time compilation (no GPU needed): every mask feature on (and the forward's decode
+    packing and split-K), head dim 80 padded to 128."""
     import subprocess
     import sys
 

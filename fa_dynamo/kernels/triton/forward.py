@@ -9,7 +9,8 @@ no mask evaluation at all, and only the partial tiles on the band's edges build 
 indices. A dense bias or boolean mask is read tile by tile (never copied or expanded); segment
 ids (packed sequences, chunked attention) are loaded per tile and compared; an ALiBi bias is
 computed from the head's slope and the tile's indices. GQA maps
-query head ``h`` to key/value head ``h // G``. Head dims are padded to the next power of two with
+query head ``h`` to key/value head ``h // G``; for short query chunks (decode) the G heads of a
+group are packed into one program's rows and the keys split across programs (``_forward``). Head dims are padded to the next power of two with
 masked loads; q·kᵀ and p·v accumulate in float32.
 
 Rows the kernel cannot serve exactly (no visible key: NaN in eager; a finite fill value that is
@@ -51,15 +52,20 @@ from fa_dynamo.kernels.triton import configs as tc
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.cpu import attention_cpu
 from fa_dynamo.kernels.exactness import recompute_unserved_rows
+from fa_dynamo.kernels.gqa_packing import PACK_MAX_ROWS, packs
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.segments import Segments
+from fa_dynamo.kernels.split_keys import key_splits, merge_chunks
 
 log = logging.getLogger(__name__)
 
 # Triton decides at decoration time whether @triton.jit functions are interpreted.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 256
+SPLIT_ALIGN = 128
+"""Keys per split are a multiple of this: every config's BLOCK_N divides it, so splits start on
+the tile grid."""
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -128,7 +134,13 @@ def _segment_clip(start, full_start, full_end, end, run_ptrs, rows_ok, num_cols,
     col_lo = tl.min(tl.load(run_ptrs, mask=rows_ok, other=num_cols), 0)
     col_hi = tl.max(tl.load(run_ptrs + 1, mask=rows_ok, other=0), 0)
     col_lo = (col_lo // BLOCK) * BLOCK  # tiles start on the grid
-    col_hi = tl.maximum(col_hi, col_lo)
+    return _clip_ranges(start, full_start, full_end, end, col_lo, tl.maximum(col_hi, col_lo))
+
+
+@triton.jit
+def _clip_ranges(start, full_start, full_end, end, col_lo, col_hi):
+    """The loop bounds of ``_tile_ranges`` kept inside columns ``[col_lo, col_hi)`` (``col_lo``
+    on the tile grid): a segment's run, or one split of the keys."""
     start = tl.minimum(tl.maximum(start, col_lo), col_hi)
     full_start = tl.minimum(tl.maximum(full_start, col_lo), col_hi)
     full_end = tl.minimum(tl.maximum(full_end, col_lo), col_hi)
@@ -195,12 +207,13 @@ def _region_bounds(region: tl.constexpr, start, full_start, full_end, end):
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids, stride_kn, stride_vn, stride_bias_n,
-    stride_mask_n, stride_kseg_n, offs_m, offs_n, row_ok, d_ok, dv_ok, slope, start, end, num_k, lo, hi, scale,
+    stride_mask_n, stride_kseg_n, q_pos, offs_n, row_ok, d_ok, dv_ok, slope, start, end, num_k, lo, hi, scale,
     softcap, PARTIAL: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Online softmax over key tiles ``[start, end)``; ``PARTIAL`` tiles evaluate the band."""
+    """Online softmax over key tiles ``[start, end)``; ``PARTIAL`` tiles evaluate the band at the
+    rows' positions ``q_pos``."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < num_k
@@ -216,7 +229,7 @@ def _attn_fwd_inner(
             k_ids = tl.load(kseg_ptrs + start_n * stride_kseg_n, mask=col_ok, other=0)
         s, _ = _score_tile(
             qk, scale, softcap, bias_ptrs + start_n * stride_bias_n, mask_ptrs + start_n * stride_mask_n, tile_ok,
-            offs_m[:, None], cols[None, :], q_ids[:, None], k_ids[None, :], col_ok[None, :], lo, hi, slope,
+            q_pos[:, None], cols[None, :], q_ids[:, None], k_ids[None, :], col_ok[None, :], lo, hi, slope,
             PARTIAL, HAS_LO, HAS_HI, HAS_BIAS, HAS_MASK, HAS_SEG, HAS_ALIBI, SOFTCAP, LIBDEVICE,
         )
         s = s * LOG2E
@@ -244,41 +257,59 @@ def _attn_fwd(
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
     stride_qseg_b, stride_qseg_m, stride_kseg_b, stride_kseg_n, stride_slope_b, stride_slope_h,
     stride_runs_b, stride_runs_m,
-    stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, group, num_q, num_k, lo, hi, scale, softcap,
+    stride_ob, stride_oh, stride_om, stride_od, stride_o_split, stride_lse_split,
+    num_heads, group, num_q, num_k, lo, hi, scale, softcap, split_keys,
     Q_CLASS, K_CLASS,  # autotuning keys (sequence-length buckets), unused by the kernel
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, HAS_ALIBI: tl.constexpr, SEG_SKIP: tl.constexpr,
     SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = (off_bh // num_heads).to(tl.int64)
-    off_h = (off_bh % num_heads).to(tl.int64)
-    off_hkv = off_h // group  # GQA: no repeated K/V
-
+    split = tl.program_id(2)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACKED:  # GQA packing: row g·Sq + i of K/V head off_hkv is query i of head off_hkv·G + g
+        kv_heads = num_heads // group
+        off_b = (off_bh // kv_heads).to(tl.int64)
+        off_hkv = (off_bh % kv_heads).to(tl.int64)
+        off_h = off_hkv * group
+        row_head = off_h + offs_m // num_q
+        row_pos = offs_m % num_q
+        row_ok = offs_m < group * num_q
+        pos_first = 0 * start_m  # a block holds several heads' rows: the band of every position
+        pos_last = num_q - 1
+    else:
+        off_b = (off_bh // num_heads).to(tl.int64)
+        off_h = (off_bh % num_heads).to(tl.int64)
+        off_hkv = off_h // group  # GQA: no repeated K/V
+        row_head = off_h + offs_m * 0
+        row_pos = offs_m
+        row_ok = offs_m < num_q
+        pos_first = start_m * BLOCK_M
+        pos_last = tl.minimum(pos_first + BLOCK_M, num_q) - 1
+
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < num_q
     d_ok = offs_d < HEAD_DIM  # head dims padded to a power of two
     dv_ok = offs_dv < HEAD_DIM_V
+    heads_rows = row_head[:, None]
+    pos_rows = row_pos[:, None].to(tl.int64)
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = Q + off_b * stride_qb + heads_rows * stride_qh + pos_rows * stride_qm + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
     v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    bias_ptrs = Bias + off_b * stride_bias_b + off_h * stride_bias_h
-    bias_ptrs = bias_ptrs + offs_m[:, None].to(tl.int64) * stride_bias_m + offs_n[None, :] * stride_bias_n
-    mask_ptrs = Mask + off_b * stride_mask_b + off_h * stride_mask_h
-    mask_ptrs = mask_ptrs + offs_m[:, None].to(tl.int64) * stride_mask_m + offs_n[None, :] * stride_mask_n
+    bias_ptrs = Bias + off_b * stride_bias_b + heads_rows * stride_bias_h
+    bias_ptrs = bias_ptrs + pos_rows * stride_bias_m + offs_n[None, :] * stride_bias_n
+    mask_ptrs = Mask + off_b * stride_mask_b + heads_rows * stride_mask_h
+    mask_ptrs = mask_ptrs + pos_rows * stride_mask_m + offs_n[None, :] * stride_mask_n
     kseg_ptrs = KSeg + off_b * stride_kseg_b + offs_n * stride_kseg_n
-    q_ids = offs_m
+    q_ids = row_pos
     if HAS_SEG:
-        q_ids = tl.load(QSeg + off_b * stride_qseg_b + offs_m * stride_qseg_m, mask=row_ok, other=0)
+        q_ids = tl.load(QSeg + off_b * stride_qseg_b + row_pos * stride_qseg_m, mask=row_ok, other=0)
     slope = scale * 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_b * stride_slope_b + off_h * stride_slope_h).to(tl.float32)
@@ -287,17 +318,19 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    row0 = start_m * BLOCK_M
-    row_last = tl.minimum(row0 + BLOCK_M, num_q) - 1
-    start, full_start, full_end, end = _tile_ranges(row0, row_last, num_k, lo, hi, HAS_LO, HAS_HI, BLOCK_N)
+    start, full_start, full_end, end = _tile_ranges(pos_first, pos_last, num_k, lo, hi, HAS_LO, HAS_HI, BLOCK_N)
     if SEG_SKIP:
-        run_ptrs = SegRuns + off_b * stride_runs_b + offs_m * stride_runs_m
+        run_ptrs = SegRuns + off_b * stride_runs_b + row_pos * stride_runs_m
         start, full_start, full_end, end = _segment_clip(start, full_start, full_end, end, run_ptrs, row_ok, num_k,
                                                          BLOCK_N)
+    if SPLIT:  # split-K: this program's share of the keys (``split_keys`` is a multiple of BLOCK_N)
+        split_lo = split * split_keys
+        start, full_start, full_end, end = _clip_ranges(start, full_start, full_end, end, split_lo,
+                                                        tl.minimum(split_lo + split_keys, num_k))
     for_tiles = (
         k_ptrs, v_ptrs, bias_ptrs, mask_ptrs, kseg_ptrs, q_ids,
         stride_kn, stride_vn, stride_bias_n, stride_mask_n, stride_kseg_n,
-        offs_m, offs_n, row_ok, d_ok, dv_ok, slope,
+        row_pos, offs_n, row_ok, d_ok, dv_ok, slope,
     )
     for region in tl.static_range(3):
         region_start, region_end = _region_bounds(region, start, full_start, full_end, end)
@@ -311,9 +344,10 @@ def _attn_fwd(
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    tl.store(Lse + off_bh.to(tl.int64) * num_q + offs_m, lse, mask=row_ok)
+    o_ptrs = Out + split * stride_o_split + off_b * stride_ob + heads_rows * stride_oh + pos_rows * stride_om
+    tl.store(o_ptrs + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    lse_ptrs = Lse + split * stride_lse_split + (off_b * num_heads + row_head) * num_q + row_pos
+    tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +441,7 @@ def _constexprs(q, v, bias, mask, params: AttentionParams) -> dict:
 
 
 _AUTOTUNE_KEY = ["Q_CLASS", "K_CLASS", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "HAS_BIAS", "HAS_MASK", "HAS_SEG",
-                 "HAS_ALIBI", "SOFTCAP"]
+                 "HAS_ALIBI", "SOFTCAP", "PACKED", "SPLIT"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -437,14 +471,42 @@ def _launch(kernel, grid_of, args: tuple, consts: dict, q, block_q: int, block_k
         tuned[grid_of](*args, **consts)
 
 
+def _key_splits(problems: int, rows: int, num_k: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, keys per split)`` for split-K: only for short query chunks (``rows`` per program
+    at most ``PACK_MAX_ROWS``: longer ones fill the GPU with row blocks), by ``key_splits``'s rule
+    with the GPU's multiprocessors (the interpreter's threads on CPU) as the units to keep busy;
+    each split a multiple of ``SPLIT_ALIGN`` keys."""
+    if rows > PACK_MAX_ROWS:
+        return 1, 0
+    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else torch.get_num_threads()
+    splits = key_splits(problems, num_k, units)
+    if splits == 1:
+        return 1, 0
+    per_split = triton.cdiv(triton.cdiv(num_k, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return triton.cdiv(num_k, per_split), per_split
+
+
 def _forward(q, k, v, bias, mask, params: AttentionParams):
-    """The kernel's own result: ``(out, lse)``; rows with no visible key have ``lse = -inf``."""
+    """The kernel's own result: ``(out, lse)``; rows with no visible key have ``lse = -inf``.
+
+    Short query chunks of grouped heads are packed (``gqa_packing.packs``: the G query heads of a
+    group are rows of one program, so K/V are read once per group) and, where the programs leave
+    the GPU idle, split along the keys (flash-decoding) and merged by log-sum-exp."""
     band, segments = params.band, params.segments
     batch, heads, num_q, _ = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
     full = (batch, heads, num_q, num_k)
-    out = torch.empty(batch, heads, num_q, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads, num_q, dtype=torch.float32, device=q.device)
+    packed = packs(q, k, params)
+    rows, grid_heads = ((heads // kv_heads) * num_q, kv_heads) if packed else (num_q, heads)
+    splits, split_keys = _key_splits(batch * grid_heads, rows, num_k, q.device)
+    if splits == 1:
+        out = torch.empty(batch, heads, num_q, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(batch, heads, num_q, dtype=torch.float32, device=q.device)
+        out_strides = (*out.stride(), 0, 0)
+    else:  # each split's normalized partial result, merged below
+        out = torch.empty(splits, batch, heads, num_q, v.shape[-1], dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, batch, heads, num_q, dtype=torch.float32, device=q.device)
+        out_strides = (*out.stride()[1:], out.stride(0), lse.stride(0))
     bias_t, bias_s = _dense_args(bias, full, q)
     mask_t, mask_s = _dense_args(mask, full, q)
     q_ids, k_ids, seg_s = _segment_args(segments, q)
@@ -452,13 +514,16 @@ def _forward(q, k, v, bias, mask, params: AttentionParams):
     runs, runs_s, seg_skip = _run_args(None if segments is None else segments.key_runs(), q)
     args = (
         q, k, v, bias_t, mask_t, q_ids, k_ids, slopes, runs, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *seg_s, *slope_s, *runs_s, *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *bias_s, *mask_s, *seg_s, *slope_s, *runs_s, *out_strides,
         heads, heads // kv_heads, num_q, num_k, band.min_offset or 0, band.max_offset or 0, params.scale,
-        params.softcap, _seq_class(num_q), _seq_class(num_k),
+        params.softcap, split_keys, _seq_class(num_q), _seq_class(num_k),
     )
-    grid = lambda meta: (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    consts = dict(_constexprs(q, v, bias, mask, params), SEG_SKIP=seg_skip)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * grid_heads, splits)  # noqa: E731
+    consts = dict(_constexprs(q, v, bias, mask, params), SEG_SKIP=seg_skip, PACKED=packed, SPLIT=splits > 1)
     _launch(_attn_fwd, grid, args, consts, q, params.block_q, params.block_k, bias, mask)
+    if splits > 1:
+        out, lse = merge_chunks(out, lse, dim=0)
+        out = out.to(q.dtype)
     return out, lse
 
 

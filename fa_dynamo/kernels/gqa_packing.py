@@ -49,7 +49,7 @@ def packed_attention(q, k, v, bias, mask, params: AttentionParams):
     batch, heads, num_q, dim = q.shape
     kv_heads, num_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    (k0, k1), (m0, m1) = _visible_keys(bias, mask, params, num_q, num_k)
+    (k0, k1), (m0, m1) = visible_keys(bias, mask, params, num_q, num_k)
     if k1 <= k0:
         return None
     rows = group * num_q
@@ -70,7 +70,7 @@ def packed_attention(q, k, v, bias, mask, params: AttentionParams):
     return out.reshape(batch, heads, num_q, v.shape[-1]), lse.reshape(batch, heads, num_q), (k0, k1), (m0, m1)
 
 
-def _visible_keys(bias, mask, params: AttentionParams, num_q: int, num_k: int):
+def visible_keys(bias, mask, params: AttentionParams, num_q: int, num_k: int):
     """``(k0, k1), (m0, m1)``: keys outside which no row sees a key — the band's range, narrowed
     to the keys a dense mask leaves visible to some row (a static cache's unfilled slots) as
     ``[m0, m1)``, then to those a ``-inf`` bias leaves visible as ``[k0, k1)``."""

@@ -197,6 +197,28 @@ def test_decode_is_packed_and_split_and_exact(shape, threads, expected, masks, m
     assert grid[1] == b * (hkv if packed else hq)
 
 
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min])
+def test_a_static_cache_hands_only_its_filled_slots_to_the_kernel(fill, monkeypatch):
+    """Decode over a static cache: the keys the mask hides for every row (slots past the longest
+    sequence's length) are cut before the launch; rows match float64 eager."""
+    launched_keys = []
+    real = triton_attention._launch
+
+    def spy(kernel, grid_of, args, consts, *rest, **kw):
+        launched_keys.append(args[1].shape[2])
+        return real(kernel, grid_of, args, consts, *rest, **kw)
+
+    monkeypatch.setattr(triton_attention, "_launch", spy)
+    slots, lengths = 400, torch.tensor([230, 150])
+    q, k, v, kw = _case((2, 8, 2, 1, slots, 32, 32), torch.float32, "none", seed=7)
+    kw["mask"] = (torch.arange(slots) >= lengths[:, None])[:, None, None, :]
+    kw["hi"] = slots  # the band of a decode row at the cache's end hides nothing
+    out, _ = attention_triton(*map(_dev, (q, k, v)), None, _dev(kw["mask"]), AttentionParams(
+        scale=0.2, fill=fill, band=Band(None, kw["hi"]), block_q=16, block_k=16))
+    _check_accuracy(out.cpu(), q, k, v, kw, 0.2, fill=fill)
+    assert launched_keys == [230]
+
+
 @pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min, -10.0])
 def test_fully_masked_rows_follow_eager(fill):
     """-inf rows are NaN; finite-filled rows average V uniformly; small fills are not negligible."""

@@ -52,7 +52,7 @@ from fa_dynamo.kernels.triton import configs as tc
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.cpu import attention_cpu
 from fa_dynamo.kernels.exactness import recompute_unserved_rows
-from fa_dynamo.kernels.gqa_packing import PACK_MAX_ROWS, packs
+from fa_dynamo.kernels.gqa_packing import PACK_MAX_ROWS, packs, visible_keys
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention
 from fa_dynamo.kernels.segments import Segments
@@ -486,6 +486,20 @@ def _key_splits(problems: int, rows: int, num_k: int, device: torch.device) -> t
     return triton.cdiv(num_k, per_split), per_split
 
 
+def _visible_slice(q, k, v, bias, mask, params: AttentionParams) -> tuple:
+    """A packed call's inputs cut to the keys some row can see (``gqa_packing.visible_keys``: a
+    static cache's unfilled slots, hidden by the mask, are never read), as views, with the band
+    renumbered from the first kept key; other calls unchanged. Exact: a cut key's weight is 0."""
+    if not packs(q, k, params):
+        return q, k, v, bias, mask, params
+    num_k = k.shape[2]
+    (k0, k1), _ = visible_keys(bias, mask, params, q.shape[2], num_k)
+    if k1 <= k0 or (k0, k1) == (0, num_k):
+        return q, k, v, bias, mask, params
+    keys = lambda t: t if t is None or t.shape[-1] == 1 else t[..., k0:k1]  # noqa: E731
+    return q, k[:, :, k0:k1], v[:, :, k0:k1], keys(bias), keys(mask), params.replace(band=params.band.shifted(k0))
+
+
 def _forward(q, k, v, bias, mask, params: AttentionParams):
     """The kernel's own result: ``(out, lse)``; rows with no visible key have ``lse = -inf``.
 
@@ -544,7 +558,7 @@ def attention_triton(
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         return reference_attention(q, k, v, bias, mask, params)
     try:
-        out, lse = _forward(q, k, v, bias, mask, params)
+        out, lse = _forward(*_visible_slice(q, k, v, bias, mask, params))
     except _RESOURCE_ERRORS as e:  # every tile config was too big for this GPU (e.g. fp32, D=256, sm75)
         return _fallback(q, k, v, bias, mask, params, f"no triton tile config fits this GPU ({type(e).__name__})")
     recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)

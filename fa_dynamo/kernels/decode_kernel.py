@@ -32,6 +32,8 @@ MAX_ROWS = 16
 the K/V read stops dominating and ATen's blocked kernel is as fast."""
 HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 """Query and value head dims the kernel is instantiated for."""
+DTYPES = (torch.float32, torch.bfloat16)
+"""K/V element types (the query, the mask and all arithmetic are float32)."""
 
 
 def _cpu_signature() -> str:
@@ -65,17 +67,20 @@ def decode_kernel_available() -> bool:
 
 
 def decode_kernel_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> bool:
-    """Whether a packed call (``rows`` per K/V head) is one the kernel takes: float32, head dims it
-    is built for, K/V contiguous in the head dim, at most ``MAX_ROWS`` rows."""
-    return (q.dtype == k.dtype == v.dtype == torch.float32 and rows <= MAX_ROWS
+    """Whether a packed call (``rows`` per K/V head) is one the kernel takes: float32 or bfloat16,
+    head dims it is built for, K/V contiguous in the head dim, at most ``MAX_ROWS`` rows."""
+    return (q.dtype == k.dtype == v.dtype and q.dtype in DTYPES and rows <= MAX_ROWS
             and q.shape[-1] in HEAD_DIMS and v.shape[-1] in HEAD_DIMS
             and k.stride(-1) == 1 and v.stride(-1) == 1 and decode_kernel_available())
 
 
 def decode_attention(q, k, v, additive: Optional[torch.Tensor], scale: float, splits: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, H, R, Dv], lse [B, H, R])`` float32 of ``q [B, H, R, D]`` over ``k, v [B, H, L, D]``
-    with an additive float32 mask broadcastable to ``[B, H, R, L]``, each problem's keys cut into
-    ``splits`` chunks merged by log-sum-exp; lse is -inf where a row saw no key, and NaN propagates
-    as in eager over the keys read."""
-    return torch.ops.fa_dynamo_cpp.decode_attention(q, k, v, additive, scale, splits)
+    """``(out [B, H, R, Dv] in q's dtype, lse [B, H, R] float32)`` of ``q [B, H, R, D]`` over
+    ``k, v [B, H, L, D]`` with an additive mask broadcastable to ``[B, H, R, L]``, each problem's
+    keys cut into ``splits`` chunks merged by log-sum-exp, computed in float32; lse is -inf where a
+    row saw no key, and NaN propagates as in eager over the keys read."""
+    if additive is not None and additive.is_floating_point():
+        additive = additive.float()
+    out, lse = torch.ops.fa_dynamo_cpp.decode_attention(q, k, v, additive, scale, splits)
+    return out.to(q.dtype), lse

@@ -69,6 +69,20 @@ def test_masks_and_splits_over_cache_views_equal_float64(mask, splits, keys):
     assert (lse.double() - ref_lse).masked_fill(~seen, 0).abs().max() < 2e-5
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_bfloat16_cache_equals_float64_of_its_values(splits):
+    """A bfloat16 cache is widened exactly; the math is float32, so the error is float32's, not
+    bfloat16's (the output is rounded to bfloat16 once)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 4, n, 128, generator=g).bfloat16() for n in (4, 700, 700))
+    additive = _additive("keys", g, 2, 4, 4, 700).bfloat16()
+    out, lse = decode_attention(q, k, v, additive, 128 ** -0.5, splits)
+    ref, ref_lse = _float64(q, k, v, additive, 128 ** -0.5)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert (out.double() - ref).abs().max() <= ref.abs().max() * 2 ** -8  # one bfloat16 rounding
+    assert (lse.double() - ref_lse).abs().max() < 2e-5
+
+
 def test_large_scores_do_not_overflow():
     """Scores in the thousands: the running max keeps every exp() at most 1."""
     g = torch.Generator().manual_seed(1)
@@ -103,8 +117,10 @@ def test_nan_and_inf_reach_the_rows_eager_gives_them_to(splits):
 
 def test_bad_input_is_refused_with_what_is_accepted():
     q, k = torch.randn(1, 1, 4, 64), torch.randn(1, 1, 10, 64)
-    with pytest.raises(RuntimeError, match="float32 q, k, v only"):
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
         decode_attention(q.double(), k.double(), k.double(), None, 1.0, 1)
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        decode_attention(q, k.bfloat16(), k.bfloat16(), None, 1.0, 1)
     with pytest.raises(RuntimeError, match="head dims 32, 64"):
         decode_attention(torch.randn(1, 1, 4, 48), torch.randn(1, 1, 10, 48), torch.randn(1, 1, 10, 48), None, 1.0, 1)
     with pytest.raises(RuntimeError, match=f"1 to {MAX_ROWS} rows"):

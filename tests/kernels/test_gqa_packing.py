@@ -60,11 +60,12 @@ def _mask(kind: str, g: torch.Generator, b: int, hq: int, sq: int, sk: int):
 @pytest.mark.parametrize("shape", [(1, 32, 8, 1, 700), (2, 8, 2, 3, 130), (2, 4, 1, 5, 77), (1, 6, 3, 1, 1)])
 @pytest.mark.parametrize("band", ["none", "causal", "window"])
 @pytest.mark.parametrize("mask", ["none", "keys", "rows", "heads"])
-def test_packed_decode_equals_float64(shape, band, mask, packed_calls):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_decode_equals_float64(shape, band, mask, dtype, packed_calls):
     b, hq, hkv, sq, sk = shape
-    g = generator_for(shape, band, mask)
-    q = torch.randn(b, hq, sq, 32, generator=g)
-    k, v = (torch.randn(b, hkv, sk, 32, generator=g) for _ in range(2))
+    g = generator_for(shape, band, mask, dtype)
+    q = torch.randn(b, hq, sq, 32, generator=g).to(dtype)
+    k, v = (torch.randn(b, hkv, sk, 32, generator=g).to(dtype) for _ in range(2))
     kw = dict(mask=_mask(mask, g, b, hq, sq, sk), scale=0.3)
     if band != "none":  # bottom-right: query i sits at position Sk - Sq + i
         kw["max_offset"] = sk - sq
@@ -73,8 +74,9 @@ def test_packed_decode_equals_float64(shape, band, mask, packed_calls):
     out = fa_dynamo.attention(q, k, v, kernel="cpu", **kw)
     ref = _reference(q, k, v, **kw)
     assert torch.equal(out.isnan(), ref.isnan())
-    eager = fa_dynamo.attention(q, k, v, kernel="reference", **kw)  # eager's float32 math: its rounding sets the bar
+    eager = fa_dynamo.attention(q, k, v, kernel="reference", **kw)  # eager's math in the dtype: its rounding sets the bar
     eager_err = (eager.double() - ref).nan_to_num().abs().max()
+    assert out.dtype == dtype
     assert (out.double() - ref).nan_to_num().abs().max() <= 4 * eager_err + 1e-6
     (packed_q, packed_k, packed_v, _), = packed_calls
     assert packed_q.shape[1] == hkv and packed_q.shape[2] == sq * hq // hkv, "query heads folded into rows"

@@ -13,6 +13,8 @@
 // Split-K: each problem's keys are cut into `splits` chunks, the (problem, chunk) items are spread
 // over the threads, and the chunks' partial results are merged by their log-sum-exps.
 //
+// K/V are float32 or bfloat16 (widened on load); the query, the mask and all arithmetic are float32.
+//
 // NaN and infinities propagate as in eager's `softmax(scores) @ V` over the keys read: a NaN
 // score (query, key or mask) makes its row NaN, and a NaN or infinite value makes every row NaN
 // (a hidden key's weight is an exact 0 and 0 * NaN is NaN). Rows that see no key get lse -inf.
@@ -41,6 +43,17 @@ typedef int ivec __attribute__((vector_size(LANES * sizeof(int))));
 inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
 inline vec splat(float x) { return vec{} + x; }
+// A cache element type's 16 lanes as float32: bfloat16 is the high half of a float32.
+inline vec load_kv(const float* p) { return load(p); }
+inline vec load_kv(const at::BFloat16* p) {
+  typedef uint16_t halves __attribute__((vector_size(LANES * sizeof(uint16_t))));
+  halves h;
+  std::memcpy(&h, p, sizeof(halves));
+  const ivec bits = __builtin_convertvector(h, ivec) << 16;
+  vec f;
+  std::memcpy(&f, &bits, sizeof(vec));
+  return f;
+}
 
 inline float hsum(vec v) {
   typedef float half __attribute__((vector_size(LANES / 2 * sizeof(float))));
@@ -87,15 +100,15 @@ typedef float Scores[MAX_ROWS][BLOCK];
 
 // Scores of keys [0, nb) of a block for every row: s[r][j] = scale * q_r . k_j. Keys go in pairs
 // held in registers (DV vectors each), so each query vector loaded serves two keys.
-template <int DV>
-void block_scores(const float* q, int64_t rows, const float* k, int64_t k_row, int64_t nb, float scale, Scores& s) {
+template <int DV, typename T>
+void block_scores(const float* q, int64_t rows, const T* k, int64_t k_row, int64_t nb, float scale, Scores& s) {
   constexpr int PAIR = DV <= 8 ? 2 : 1;  // two keys' vectors fit in the 32 vector registers
   int64_t j = 0;
   for (; j + PAIR <= nb; j += PAIR) {
     vec kv[PAIR][DV];
     for (int t = 0; t < PAIR; ++t)
       for (int d = 0; d < DV; ++d) {
-        kv[t][d] = load(k + (j + t) * k_row + d * LANES);
+        kv[t][d] = load_kv(k + (j + t) * k_row + d * LANES);
         __builtin_prefetch(k + (j + t + PREFETCH) * k_row + d * LANES);
       }
     for (int64_t r = 0; r < rows; ++r) {
@@ -110,7 +123,7 @@ void block_scores(const float* q, int64_t rows, const float* k, int64_t k_row, i
   for (; j < nb; ++j) {
     for (int64_t r = 0; r < rows; ++r) {
       vec a = {};
-      for (int d = 0; d < DV; ++d) a += load(q + r * DV * LANES + d * LANES) * load(k + j * k_row + d * LANES);
+      for (int d = 0; d < DV; ++d) a += load(q + r * DV * LANES + d * LANES) * load_kv(k + j * k_row + d * LANES);
       s[r][j] = hsum(a) * scale;
     }
   }
@@ -118,8 +131,8 @@ void block_scores(const float* q, int64_t rows, const float* k, int64_t k_row, i
 
 // acc[r0 + r][e0·16 ...] += sum_j p[r0 + r][j] * v_j for RB rows and EB vectors of the value
 // dim: RB·EB accumulators stay in registers over the block's keys.
-template <int RB, int EB>
-void block_values_tile(const Scores& p, int64_t r0, const float* v, int64_t v_row, int64_t nb, int64_t e0,
+template <int RB, int EB, typename T>
+void block_values_tile(const Scores& p, int64_t r0, const T* v, int64_t v_row, int64_t nb, int64_t e0,
                        float* acc, int64_t dv) {
   vec a[RB][EB];
   for (int r = 0; r < RB; ++r)
@@ -127,7 +140,7 @@ void block_values_tile(const Scores& p, int64_t r0, const float* v, int64_t v_ro
   for (int64_t j = 0; j < nb; ++j) {
     vec x[EB];
     for (int e = 0; e < EB; ++e) {
-      x[e] = load(v + j * v_row + (e0 + e) * LANES);
+      x[e] = load_kv(v + j * v_row + (e0 + e) * LANES);
       __builtin_prefetch(v + (j + PREFETCH) * v_row + (e0 + e) * LANES);
     }
     for (int r = 0; r < RB; ++r) {
@@ -144,16 +157,16 @@ void block_values_tile(const Scores& p, int64_t r0, const float* v, int64_t v_ro
 constexpr int value_tile_vecs(int vv) { return vv < 8 ? vv : 8; }
 constexpr int value_tile_rows(int vv) { return 16 / value_tile_vecs(vv) < 4 ? 16 / value_tile_vecs(vv) : 4; }
 
-template <int RB, int VV>
-void block_values_rows(const Scores& p, int64_t r0, const float* v, int64_t v_row, int64_t nb, float* acc) {
+template <int RB, int VV, typename T>
+void block_values_rows(const Scores& p, int64_t r0, const T* v, int64_t v_row, int64_t nb, float* acc) {
   constexpr int EB = value_tile_vecs(VV);
   int64_t e0 = 0;
   for (; e0 + EB <= VV; e0 += EB) block_values_tile<RB, EB>(p, r0, v, v_row, nb, e0, acc, VV * LANES);
   if constexpr (VV % EB != 0) block_values_tile<RB, VV % EB>(p, r0, v, v_row, nb, e0, acc, VV * LANES);
 }
 
-template <int VV>
-void block_values(const Scores& p, int64_t rows, const float* v, int64_t v_row, int64_t nb, float* acc) {
+template <int VV, typename T>
+void block_values(const Scores& p, int64_t rows, const T* v, int64_t v_row, int64_t nb, float* acc) {
   constexpr int RB = value_tile_rows(VV);
   int64_t r0 = 0;
   for (; r0 + RB <= rows; r0 += RB) block_values_rows<RB, VV>(p, r0, v, v_row, nb, acc);
@@ -197,8 +210,8 @@ void block_softmax(Scores& s, int64_t rows, int64_t nb, float* acc, int64_t dv, 
 }
 
 // One (problem, key chunk) item: unnormalized acc [rows][dv], running max m and sum l per row.
-template <int DV, int VV>
-void attend_chunk(const float* q, int64_t rows, const float* k, int64_t k_row, const float* v, int64_t v_row,
+template <int DV, int VV, typename T>
+void attend_chunk(const float* q, int64_t rows, const T* k, int64_t k_row, const T* v, int64_t v_row,
                   const float* mask, int64_t mask_row, int64_t key0, int64_t key1, float scale, float* acc, float* m,
                   float* l) {
   alignas(64) Scores s;
@@ -222,54 +235,53 @@ void attend_chunk(const float* q, int64_t rows, const float* k, int64_t k_row, c
   }
 }
 
-using ChunkFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, int64_t, const float*, int64_t,
+template <typename T>
+using ChunkFn = void (*)(const float*, int64_t, const T*, int64_t, const T*, int64_t, const float*, int64_t,
                          int64_t, int64_t, float, float*, float*, float*);
 
-template <int DV>
-ChunkFn chunk_fn_for_value_dim(int64_t dv) {
+template <int DV, typename T>
+ChunkFn<T> chunk_fn_for_value_dim(int64_t dv) {
   switch (dv / LANES) {
-    case 2: return &attend_chunk<DV, 2>;
-    case 4: return &attend_chunk<DV, 4>;
-    case 5: return &attend_chunk<DV, 5>;
-    case 6: return &attend_chunk<DV, 6>;
-    case 8: return &attend_chunk<DV, 8>;
-    case 16: return &attend_chunk<DV, 16>;
+    case 2: return &attend_chunk<DV, 2, T>;
+    case 4: return &attend_chunk<DV, 4, T>;
+    case 5: return &attend_chunk<DV, 5, T>;
+    case 6: return &attend_chunk<DV, 6, T>;
+    case 8: return &attend_chunk<DV, 8, T>;
+    case 16: return &attend_chunk<DV, 16, T>;
     default: return nullptr;
   }
 }
 
 // The kernel for head dims (dim, dv), or nullptr: 32, 64, 80, 96, 128 and 256 each.
-ChunkFn chunk_fn(int64_t dim, int64_t dv) {
+template <typename T>
+ChunkFn<T> chunk_fn(int64_t dim, int64_t dv) {
   if (dim % LANES != 0 || dv % LANES != 0) return nullptr;
   switch (dim / LANES) {
-    case 2: return chunk_fn_for_value_dim<2>(dv);
-    case 4: return chunk_fn_for_value_dim<4>(dv);
-    case 5: return chunk_fn_for_value_dim<5>(dv);
-    case 6: return chunk_fn_for_value_dim<6>(dv);
-    case 8: return chunk_fn_for_value_dim<8>(dv);
-    case 16: return chunk_fn_for_value_dim<16>(dv);
+    case 2: return chunk_fn_for_value_dim<2, T>(dv);
+    case 4: return chunk_fn_for_value_dim<4, T>(dv);
+    case 5: return chunk_fn_for_value_dim<5, T>(dv);
+    case 6: return chunk_fn_for_value_dim<6, T>(dv);
+    case 8: return chunk_fn_for_value_dim<8, T>(dv);
+    case 16: return chunk_fn_for_value_dim<16, T>(dv);
     default: return nullptr;
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    const std::optional<at::Tensor>& mask, double scale,
-                                                    int64_t splits) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be [B, H, rows|keys, D]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "decode_attention: float32 q, k, v only, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& mask, double scale,
+                                                          int64_t splits) {
   const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), dim = q.size(3);
   const int64_t keys = k.size(2), dv = v.size(3);
   TORCH_CHECK(k.size(0) == batch && k.size(1) == heads && k.size(3) == dim && v.size(0) == batch &&
                   v.size(1) == heads && v.size(2) == keys,
               "decode_attention: k and v must be [B, H, keys, D] matching q [B, H, rows, D]");
   TORCH_CHECK(rows >= 1 && rows <= MAX_ROWS, "decode_attention: 1 to ", MAX_ROWS, " rows per head, got ", rows);
-  const ChunkFn attend = chunk_fn(dim, dv);
+  const ChunkFn<T> attend = chunk_fn<T>(dim, dv);
   TORCH_CHECK(attend != nullptr, "decode_attention: head dims 32, 64, 80, 96, 128 or 256 only, got ", dim, " and ", dv);
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v must be contiguous in the head dim");
   TORCH_CHECK(splits >= 1, "decode_attention: splits must be >= 1, got ", splits);
-  const at::Tensor qc = q.contiguous();
+  const at::Tensor qc = q.to(at::kFloat).contiguous();
   at::Tensor mk;
   Strides ms{0, 0, 0};
   if (mask.has_value()) {
@@ -284,8 +296,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
   const int64_t chunk = (keys + splits - 1) / splits;
   std::vector<float> acc(problems * splits * rows * dv), m(problems * splits * rows), l(problems * splits * rows);
   const float* qp = qc.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
   const float* mp = mask.has_value() ? mk.data_ptr<float>() : nullptr;
   at::parallel_for(0, problems * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -296,8 +308,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
              acc.data() + item * rows * dv, m.data() + item * rows, l.data() + item * rows);
     }
   });
-  at::Tensor out = at::empty({batch, heads, rows, dv}, q.options());
-  at::Tensor lse = at::empty({batch, heads, rows}, q.options());
+  at::Tensor out = at::empty({batch, heads, rows, dv}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({batch, heads, rows}, q.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const float inf = std::numeric_limits<float>::infinity();
@@ -322,6 +334,18 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
     }
   }
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& mask, double scale,
+                                                    int64_t splits) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be [B, H, rows|keys, D]");
+  const at::ScalarType t = k.scalar_type();
+  TORCH_CHECK((t == at::kFloat || t == at::kBFloat16) && q.scalar_type() == t && v.scalar_type() == t,
+              "decode_attention: q, k, v all float32 or all bfloat16, got ", q.scalar_type(), ", ", t, ", ",
+              v.scalar_type());
+  return t == at::kFloat ? decode_attention_typed<float>(q, k, v, mask, scale, splits)
+                         : decode_attention_typed<at::BFloat16>(q, k, v, mask, scale, splits);
 }
 
 }  // namespace

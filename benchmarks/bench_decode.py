@@ -26,6 +26,7 @@ Results: ``benchmarks/results/decode_cpu.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -56,10 +57,11 @@ class Plan:
     rotate_bytes: int  # K/V copies per case add up to at least this
     model: dict  # LlamaConfig sizes
     static_slots: int
-    static_filled: tuple
-    dynamic_lengths: tuple
+    static_filled: tuple  # fp32, batch 1
+    dynamic_lengths: tuple  # fp32, batch 1
     repeats: int
     bandwidth_gib: float
+    model_more: tuple = ()  # (cache, filled, batch, dtype): other batches and dtypes
 
 
 def _op_cases(contexts_b1, contexts_b8, bf16_contexts):
@@ -73,11 +75,13 @@ def _op_cases(contexts_b1, contexts_b8, bf16_contexts):
 LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=32,
              num_key_value_heads=8, head_dim=128, vocab_size=32000)
 FULL = Plan(_op_cases((1024, 4096, 16384, 32768, 65536), (1024, 4096), (4096, 32768)), (32, 8, 128),
-            768 << 20, LLAMA, 32768, (1024, 8192, 16384), (1024, 8192, 16384), 7, 1.0)
+            768 << 20, LLAMA, 32768, (1024, 8192, 16384), (1024, 8192, 16384), 7, 1.0,
+            (("static", 16384, 1, "bf16"), ("dynamic", 16384, 1, "bf16"), ("static", 4096, 8, "fp32"),
+             ("dynamic", 4096, 8, "fp32")))
 QUICK = Plan(_op_cases((4096, 32768), (4096,), (4096,)), (32, 8, 128), 768 << 20, LLAMA, 8192, (4096,), (4096,), 5, 1.0)
 SMOKE = Plan(((1, "fp32", "dynamic", 256), (1, "fp32", "static", 256), (2, "bf16", "dynamic", 128)), (4, 2, 16),
              1 << 20, dict(LLAMA, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                           vocab_size=256), 512, (100, 300), (100,), 2, 0.05)
+                           vocab_size=256), 512, (100, 300), (100,), 2, 0.05, (("static", 100, 2, "bf16"),))
 
 
 # --- op ----------------------------------------------------------------------------------------
@@ -189,24 +193,24 @@ def _llama(sizes: dict, max_positions: int):
     return transformers.LlamaForCausalLM(cfg).eval(), cfg
 
 
-def _static_cache(cfg, slots: int, g: torch.Generator):
+def _static_cache(cfg, slots: int, g: torch.Generator, batch: int, dtype: torch.dtype):
     from transformers import StaticCache
 
     cache = StaticCache(config=cfg, max_cache_len=slots)
-    cache.early_initialization(1, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+    cache.early_initialization(batch, cfg.num_key_value_heads, cfg.head_dim, dtype, torch.device("cpu"))
     for layer in cache.layers:
         layer.keys.normal_(generator=g)  # unfilled slots too: any values, hidden by the mask
         layer.values.normal_(generator=g)
     return cache
 
 
-def _dynamic_cache(cfg, length: int, g: torch.Generator):
+def _dynamic_cache(cfg, length: int, g: torch.Generator, batch: int, dtype: torch.dtype):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=cfg)
-    shape = (1, cfg.num_key_value_heads, length, cfg.head_dim)
+    shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
     for i in range(cfg.num_hidden_layers):
-        cache.update(torch.randn(shape, generator=g), torch.randn(shape, generator=g), i)
+        cache.update(torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype), i)
     return cache
 
 
@@ -216,7 +220,7 @@ def _graphs() -> int:
 
 def _step_fn(fn, cache, length: int, kind: str, ids):
     """One decode step at position ``length``, the cache first put back to ``length`` tokens."""
-    pos = torch.tensor([[length]])
+    pos = torch.full((ids.shape[0], 1), length)
 
     def step():
         if kind == "static":
@@ -236,20 +240,28 @@ def _step_fn(fn, cache, length: int, kind: str, ids):
 
 def bench_model(plan: Plan) -> list[dict]:
     model, cfg = _llama(plan.model, max(plan.static_slots, max(plan.dynamic_lengths) + 8))
-    ids = torch.randint(0, cfg.vocab_size, (1, 1), generator=torch.Generator().manual_seed(0))
     rows = []
     torch._dynamo.reset()
     backends = {c: _backend(c) for c in MODEL_CONFIGS if c != "uncompiled"}
-    compiled = {"uncompiled": model, **{c: torch.compile(model, backend=b, dynamic=False) for c, b in backends.items()}}
-    cases = [("static", n) for n in plan.static_filled] + [("dynamic", n) for n in plan.dynamic_lengths]
-    for kind, length in cases:
+    compiled_by_dtype = {}
+    cases = [("static", n, 1, "fp32") for n in plan.static_filled] + [("dynamic", n, 1, "fp32")
+                                                                       for n in plan.dynamic_lengths]
+    for kind, length, batch, dtype_name in [*cases, *plan.model_more]:
+        dtype = DTYPES[dtype_name]
+        if dtype_name not in compiled_by_dtype:
+            typed = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+            compiled_by_dtype[dtype_name] = {"uncompiled": typed, **{
+                c: torch.compile(typed, backend=b, dynamic=False) for c, b in backends.items()}}
+        compiled = compiled_by_dtype[dtype_name]
+        ids = torch.randint(0, cfg.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(length)
-        cache = _static_cache(cfg, plan.static_slots, g) if kind == "static" else _dynamic_cache(cfg, length, g)
+        cache = (_static_cache(cfg, plan.static_slots, g, batch, dtype) if kind == "static"
+                 else _dynamic_cache(cfg, length, g, batch, dtype))
         row = {"cache": kind, "filled": length, "slots": plan.static_slots if kind == "static" else length,
-               "configs": {}}
+               "batch": batch, "dtype": dtype_name, "configs": {}}
         fns = {}
         with torch.no_grad():
-            expected = _step_fn(model, cache, length, kind, ids)()
+            expected = _step_fn(compiled["uncompiled"], cache, length, kind, ids)()
             for config, fn in compiled.items():
                 step = _step_fn(fn, cache, length, kind, ids)
                 before = _graphs()
@@ -266,10 +278,10 @@ def bench_model(plan: Plan) -> list[dict]:
             timings = measure_interleaved(fns, warmup=1, repeats=plan.repeats)
         row["fused"] = _fused(backends["fastattention"])
         for config, t in timings.items():
-            row["configs"][config].update(median_s=t.median, samples_s=t.samples, tokens_per_s=1 / t.median,
+            row["configs"][config].update(median_s=t.median, samples_s=t.samples, tokens_per_s=batch / t.median,
                                           vs_uncompiled=timings["uncompiled"].median / t.median)
         rows.append(row)
-        print(f"model {kind} {length}: " + ", ".join(f"{c} {t.median * 1e3:.1f} ms" for c, t in timings.items()),
+        print(f"model {kind} {length} B={batch} {dtype_name}: " + ", ".join(f"{c} {t.median * 1e3:.1f} ms" for c, t in timings.items()),
               file=sys.stderr, flush=True)
     return rows
 

@@ -44,14 +44,14 @@ def _op_table(report: dict) -> list[str]:
 
 
 def _model_table(report: dict) -> list[str]:
-    out = ["| cache | filled (slots) | uncompiled ms | Inductor ms | fastattention ms | tokens/s (fastattention) "
+    out = ["| batch | dtype | cache | filled (slots) | uncompiled ms | Inductor ms | fastattention ms | tokens/s (fastattention) "
            "| vs uncompiled | vs Inductor | graphs compiled after the first call | max \\|Δ logits\\| | sites fused so far |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+           "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for row in report["model"]:
         c = row["configs"]
         fa, ind = c["fastattention"], c["inductor"]
         out.append(
-            f"| {row['cache']} | {row['filled']} ({row['slots']}) | {_ms(c['uncompiled'])} | {_ms(ind)} | {_ms(fa)} | "
+            f"| {row.get('batch', 1)} | {row.get('dtype', 'fp32')} | {row['cache']} | {row['filled']} ({row['slots']}) | {_ms(c['uncompiled'])} | {_ms(ind)} | {_ms(fa)} | "
             f"{or_dash(fa.get('tokens_per_s'))} | **{or_dash(fa.get('vs_uncompiled'), 2)}×** | "
             f"{or_dash(ind['median_s'] / fa['median_s'] if 'median_s' in ind and 'median_s' in fa else None, 2)}× | "
             f"Inductor {ind['graphs_compiled_after']}, fastattention {fa['graphs_compiled_after']} | "
@@ -70,7 +70,8 @@ def targets(report: dict) -> list[str]:
                      f"(target {OP_TARGET_VS_SDPA}×: {_verdict(fa.get('vs_sdpa'), OP_TARGET_VS_SDPA)}); "
                      f"{or_dash(fa.get('of_bandwidth', 0) * 100, 0)}% of the read bandwidth "
                      f"(aim {BANDWIDTH_AIM:.0%}: {_verdict(fa.get('of_bandwidth'), BANDWIDTH_AIM)})")
-    half = [r for r in report["model"] if r["cache"] == "static" and 2 * r["filled"] == r["slots"]]
+    half = [r for r in report["model"] if r["cache"] == "static" and 2 * r["filled"] == r["slots"]
+            and r.get("batch", 1) == 1 and r.get("dtype", "fp32") == "fp32"]
     for row in half:
         fa = row["configs"]["fastattention"]
         lines.append(f"- model step, static cache {row['filled']} of {row['slots']} slots: fastattention "
@@ -96,9 +97,10 @@ def markdown(report: dict) -> str:
             "(a block mask over the filled slots).", "", *_op_table(report), "",
             f"## Model step: Llama as shipped (SDPA), {sizes['num_hidden_layers']} layers, hidden "
             f"{sizes['hidden_size']}, {sizes['num_attention_heads']}/{sizes['num_key_value_heads']} heads × "
-            f"{sizes['head_dim']}, vocabulary {sizes['vocab_size']}, fp32, batch 1", "",
-            "Milliseconds per decode step (medians); the static cache's filled length changes between rows with "
-            "no recompile; the dynamic cache's sequence dim is dynamic. Logits against the uncompiled model.", "",
+            f"{sizes['head_dim']}, vocabulary {sizes['vocab_size']}", "",
+            "Milliseconds per decode step (medians); tokens/s counts every sequence of the batch; the static "
+            "cache's filled length changes between rows with no recompile; the dynamic cache's sequence dim is "
+            "dynamic. Logits against the uncompiled model in the same dtype.", "",
             *_model_table(report), ""]
     return "\n".join(out) + "\n"
 

@@ -16,8 +16,8 @@ never from the Sq×Sk scores:
   query row, a NaN key the row alone sees): its scalar max skips NaN, the row looks empty and
   comes back as zeros with lse 0 (both tested in ``tests/kernels/test_exactness.py``;
   ``aten_lse`` turns that 0 into NaN). So a CPU path checks its output, its lse and only the
-  values of keys it did not read. A kernel whose NaN behaviour is not known (the device kernels)
-  checks every input whole.
+  values of keys it did not read, as does Triton's packed decode call (``triton/forward.py``). A
+  kernel whose NaN behaviour is not known (the other device kernels) checks every input whole.
 
 Those rows are recomputed by ``reference_attention``, ``block_q`` rows at a time.
 """

@@ -219,6 +219,33 @@ def test_a_static_cache_hands_only_its_filled_slots_to_the_kernel(fill, monkeypa
     assert launched_keys == [230]
 
 
+@pytest.mark.parametrize("poison", ["value_hidden_by_the_mask", "value_in_a_cut_slot", "key_in_a_cut_slot",
+                                    "query_row", "infinite_visible_key", "infinite_value_in_a_cut_slot"])
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min])
+def test_packed_decode_screens_only_the_cut_keys_and_is_nan_where_eager_is(poison, fill):
+    """NaN and infinities in a static-cache decode call land in the rows eager gives them to,
+    whether the kernel read them (its own arithmetic) or they sit in slots it cut (the screen)."""
+    slots, filled = 300, 170
+    q, k, v, _ = _case((1, 8, 2, 1, slots, 32, 32), torch.float32, "none", seed=11)
+    mask = (torch.arange(slots) >= filled).expand(1, 1, 1, slots).clone()
+    mask[..., 40] = True  # a hidden slot inside the kept range
+    where = {"value_hidden_by_the_mask": (v, 1, 40), "value_in_a_cut_slot": (v, 0, 250),
+             "key_in_a_cut_slot": (k, 1, 260), "query_row": (q, 3, 0), "infinite_visible_key": (k, 0, 7),
+             "infinite_value_in_a_cut_slot": (v, 1, 200)}[poison]
+    t, head, slot = where
+    t[0, head, slot, 5] = float("inf") if poison.startswith("infinite") else float("nan")
+    if poison == "infinite_visible_key":
+        q[..., 5] = q[..., 5].abs()  # a score of +inf: exp(inf - inf) is NaN
+    kw = {"mask": mask}
+    out, _ = attention_triton(*map(_dev, (q, k, v)), None, _dev(mask), AttentionParams(
+        scale=0.2, fill=fill, block_q=16, block_k=16))
+    out = out.cpu()
+    ref = eager_attention(q.double(), k.double(), v.double(), mask=mask, scale=0.2, fill=fill)
+    assert ref.isnan().any() or poison == "key_in_a_cut_slot", "the poison reaches eager's output"
+    assert torch.equal(out.isnan(), ref.isnan())
+    _check_accuracy(out, q, k, v, kw, 0.2, fill=fill)
+
+
 @pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min, -10.0])
 def test_fully_masked_rows_follow_eager(fill):
     """-inf rows are NaN; finite-filled rows average V uniformly; small fills are not negligible."""

@@ -15,7 +15,10 @@ masked loads; q·kᵀ and p·v accumulate in float32.
 
 Rows the kernel cannot serve exactly (no visible key: NaN in eager; a finite fill value that is
 not negligible: a uniform average) are detected from the LSE and recomputed by the reference,
-exactly as the CPU kernel does (``exactness.recompute_unserved_rows``). The backward kernels, which
+exactly as the CPU kernel does (``exactness.recompute_unserved_rows``). NaN: a packed (decode)
+call screens only the keys it cut (its programs read every other key, and a NaN score or value
+makes the row NaN or its lse -inf); other calls screen every input whole (tiles they skip are not
+tracked). That NaN analysis is tested in the interpreter; no GPU has run it yet. The backward kernels, which
 share this module's device helpers and launcher, are in ``backward.py``.
 
 With ``TRITON_INTERPRET=1`` set before this module is imported, the same kernels run on CPU
@@ -51,7 +54,7 @@ from fa_dynamo.logs import warn_once
 from fa_dynamo.kernels.triton import configs as tc
 from fa_dynamo.kernels.alibi import Alibi
 from fa_dynamo.kernels.cpu import attention_cpu
-from fa_dynamo.kernels.exactness import recompute_unserved_rows
+from fa_dynamo.kernels.exactness import ALL_KEYS, recompute_unserved_rows
 from fa_dynamo.kernels.gqa_packing import PACK_MAX_ROWS, packs, visible_keys
 from fa_dynamo.kernels.params import AttentionParams
 from fa_dynamo.kernels.reference import reference_attention
@@ -486,18 +489,24 @@ def _key_splits(problems: int, rows: int, num_k: int, device: torch.device) -> t
     return triton.cdiv(num_k, per_split), per_split
 
 
-def _visible_slice(q, k, v, bias, mask, params: AttentionParams) -> tuple:
-    """A packed call's inputs cut to the keys some row can see (``gqa_packing.visible_keys``: a
-    static cache's unfilled slots, hidden by the mask, are never read), as views, with the band
-    renumbered from the first kept key; other calls unchanged. Exact: a cut key's weight is 0."""
+def _visible_slice(q, k, v, bias, mask, params: AttentionParams):
+    """``(inputs, unread, biased)``: a packed call's inputs cut to the keys some row can see
+    (``gqa_packing.visible_keys``: a static cache's unfilled slots, hidden by the mask, are never
+    read), as views, the band renumbered from the first kept key, and the key ranges left out
+    (``unread``; ``biased``: those a ``-inf`` bias cut) for the exactness screen. Every row of a
+    packed program reads every kept key (NaN carries through as in eager's ``softmax · V``), so
+    only the cut keys are screened. Other calls: unchanged inputs, ``unread = ALL_KEYS``."""
+    inputs = (q, k, v, bias, mask, params)
     if not packs(q, k, params):
-        return q, k, v, bias, mask, params
+        return inputs, ALL_KEYS, ()
     num_k = k.shape[2]
-    (k0, k1), _ = visible_keys(bias, mask, params, q.shape[2], num_k)
-    if k1 <= k0 or (k0, k1) == (0, num_k):
-        return q, k, v, bias, mask, params
-    keys = lambda t: t if t is None or t.shape[-1] == 1 else t[..., k0:k1]  # noqa: E731
-    return q, k[:, :, k0:k1], v[:, :, k0:k1], keys(bias), keys(mask), params.replace(band=params.band.shifted(k0))
+    (k0, k1), (m0, m1) = visible_keys(bias, mask, params, q.shape[2], num_k)
+    if k1 <= k0:
+        return inputs, ALL_KEYS, ()
+    if (k0, k1) != (0, num_k):
+        keys = lambda t: t if t is None or t.shape[-1] == 1 else t[..., k0:k1]  # noqa: E731
+        inputs = (q, k[:, :, k0:k1], v[:, :, k0:k1], keys(bias), keys(mask), params.replace(band=params.band.shifted(k0)))
+    return inputs, [(0, k0), (k1, num_k)], [(m0, k0), (k1, m1)]
 
 
 def _forward(q, k, v, bias, mask, params: AttentionParams):
@@ -558,8 +567,9 @@ def attention_triton(
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         return reference_attention(q, k, v, bias, mask, params)
     try:
-        out, lse = _forward(*_visible_slice(q, k, v, bias, mask, params))
+        inputs, unread, biased = _visible_slice(q, k, v, bias, mask, params)
+        out, lse = _forward(*inputs)
     except _RESOURCE_ERRORS as e:  # every tile config was too big for this GPU (e.g. fp32, D=256, sm75)
         return _fallback(q, k, v, bias, mask, params, f"no triton tile config fits this GPU ({type(e).__name__})")
-    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params)
+    recompute_unserved_rows(out, lse, q, k, v, bias, mask, params, unread_keys=unread, biased_keys=biased)
     return out, lse

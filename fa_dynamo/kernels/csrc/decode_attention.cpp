@@ -31,12 +31,8 @@
 namespace {
 
 constexpr int LANES = 16;
-constexpr int BLOCK = 64;      // keys per block: one rescale per row and block
-constexpr int MAX_ROWS = 16;
-#ifndef PREFETCH_KEYS
-#define PREFETCH_KEYS 64
-#endif
-constexpr int PREFETCH = PREFETCH_KEYS;   // rows per problem the Python side hands over at most
+constexpr int BLOCK = 256;     // keys per block: one rescale per row and block, and long runs of each stream
+constexpr int MAX_ROWS = 16;   // rows per problem the Python side hands over at most
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef int ivec __attribute__((vector_size(LANES * sizeof(int))));
 
@@ -107,10 +103,7 @@ void block_scores(const float* q, int64_t rows, const T* k, int64_t k_row, int64
   for (; j + PAIR <= nb; j += PAIR) {
     vec kv[PAIR][DV];
     for (int t = 0; t < PAIR; ++t)
-      for (int d = 0; d < DV; ++d) {
-        kv[t][d] = load_kv(k + (j + t) * k_row + d * LANES);
-        __builtin_prefetch(k + (j + t + PREFETCH) * k_row + d * LANES);
-      }
+      for (int d = 0; d < DV; ++d) kv[t][d] = load_kv(k + (j + t) * k_row + d * LANES);
     for (int64_t r = 0; r < rows; ++r) {
       vec a[PAIR] = {};
       for (int d = 0; d < DV; ++d) {
@@ -139,10 +132,7 @@ void block_values_tile(const Scores& p, int64_t r0, const T* v, int64_t v_row, i
     for (int e = 0; e < EB; ++e) a[r][e] = load(acc + (r0 + r) * dv + (e0 + e) * LANES);
   for (int64_t j = 0; j < nb; ++j) {
     vec x[EB];
-    for (int e = 0; e < EB; ++e) {
-      x[e] = load_kv(v + j * v_row + (e0 + e) * LANES);
-      __builtin_prefetch(v + (j + PREFETCH) * v_row + (e0 + e) * LANES);
-    }
+    for (int e = 0; e < EB; ++e) x[e] = load_kv(v + j * v_row + (e0 + e) * LANES);
     for (int r = 0; r < RB; ++r) {
       const vec w = splat(p[r0 + r][j]);
       for (int e = 0; e < EB; ++e) a[r][e] += w * x[e];

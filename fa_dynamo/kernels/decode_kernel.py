@@ -2,7 +2,7 @@
 
 Decode on CPU does ~1 multiply-add per byte of K/V it reads, so a core must run its inner loop as
 vector code end to end to be bound by memory; ATen's CPU flash kernel (built for long query
-blocks) reads K/V at ~11 GB/s on such calls on 2 cores here, this kernel at ~16-20 (see the module
+blocks) reads K/V at ~11-12 GB/s on such calls on 2 cores here, this kernel at ~20-27 (see the module
 doc of the source). It is compiled for the machine it runs on (``-march=native``) by
 ``torch.utils.cpp_extension.load`` the first time a process needs it (~12 s, then cached in
 ``TORCH_EXTENSIONS_DIR``, keyed by the CPU's flags so a shared home serves different machines),

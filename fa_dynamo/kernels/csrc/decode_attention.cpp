@@ -51,12 +51,19 @@ inline vec load_kv(const at::BFloat16* p) {
   return f;
 }
 
+// The sum of a vector's lanes, halving it twice (the halves taken by memcpy, which compilers turn
+// into lane extracts: portable to GCC before 12, which lacks __builtin_shufflevector).
 inline float hsum(vec v) {
   typedef float half __attribute__((vector_size(LANES / 2 * sizeof(float))));
   typedef float quarter __attribute__((vector_size(LANES / 4 * sizeof(float))));
-  half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  half lo, hi;
+  std::memcpy(&lo, &v, sizeof(half));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(half), sizeof(half));
+  const half h = lo + hi;
+  quarter qlo, qhi;
+  std::memcpy(&qlo, &h, sizeof(quarter));
+  std::memcpy(&qhi, reinterpret_cast<const char*>(&h) + sizeof(quarter), sizeof(quarter));
+  const quarter q = qlo + qhi;
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
 

@@ -31,17 +31,11 @@ from fa_dynamo.kernels.exactness import aten_lse, merge_by_lse, recompute_unserv
 from fa_dynamo.kernels.gqa_packing import packed_attention, packs
 from fa_dynamo.kernels.mask import Band, TileKind, dense_tile_kind
 from fa_dynamo.kernels.params import AttentionParams
-from fa_dynamo.kernels.reference import masked_scores, reference_attention
+from fa_dynamo.kernels.reference import keys_of, masked_scores, reference_attention
 from fa_dynamo.kernels.segments import SegmentTiles, combine
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
-
-
-def _slice_keys(t: Optional[torch.Tensor], k0: int, k1: int) -> Optional[torch.Tensor]:
-    if t is None or t.shape[-1] == 1:
-        return t
-    return t[..., k0:k1]
 
 
 def _slice_rows(t: Optional[torch.Tensor], q0: int, q1: int) -> Optional[torch.Tensor]:
@@ -69,13 +63,13 @@ class Problem:
         """The float mask of the tile (dense bias + ALiBi + dense mask + band + segments), or None."""
         tile = None
         if self.bias is not None:
-            tile = _slice_keys(_slice_rows(self.bias, q0, q1), k0, k1)
+            tile = keys_of(_slice_rows(self.bias, q0, q1), k0, k1)
         if self.alibi is not None:  # summed with the bias in float32
             alibi = self.alibi.tile(q0, q1, k0, k1, torch.float32)
             tile = alibi if tile is None else tile.float() + alibi
         if tile is not None:
             tile = tile.to(self.q.dtype)
-        hidden = _slice_keys(_slice_rows(self.mask, q0, q1), k0, k1)
+        hidden = keys_of(_slice_rows(self.mask, q0, q1), k0, k1)
         if with_band:
             band_hidden = self.band.hidden(torch.arange(q0, q1), torch.arange(k0, k1))
             hidden = band_hidden if hidden is None else hidden | band_hidden
@@ -108,7 +102,7 @@ class Problem:
         )
         s = masked_scores(
             q_t, k_s, torch.arange(q0, q1),
-            _slice_keys(_slice_rows(self.bias, q0, q1), k0, k1), _slice_keys(_slice_rows(self.mask, q0, q1), k0, k1),
+            keys_of(_slice_rows(self.bias, q0, q1), k0, k1), keys_of(_slice_rows(self.mask, q0, q1), k0, k1),
             tile_params, k0,
         )
         m = s.amax(dim=-1, keepdim=True)

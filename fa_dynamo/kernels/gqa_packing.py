@@ -5,8 +5,8 @@ CPU flash kernel maps each query head to its K/V head, which reads the K/V of a 
 query head: G times. Packing folds the G query heads of a group into the rows of one problem
 (row ``g·Sq + i`` is query ``i`` of the group's head ``g``, keeping its position ``i`` for the
 band), so K/V are read once per group (and, when that leaves cores idle, cut across them:
-``split_keys.py``). In float32 with up to 16 rows the call goes to the C++ decode kernel
-(``decode_kernel.py``), else to ATen's. Only the keys some row can see are handed over (a
+``split_keys.py``). In float32 or bfloat16 with up to 16 rows the call goes to the C++ decode
+kernel (``decode_kernel.py``), else to ATen's. Only the keys some row can see are handed over (a
 view of the cache, never a copy); the band's partial rows, the dense bias and the mask become
 one additive ``[B|1, Hkv|1, G·Sq, keys]`` mask, small next to K/V for short chunks.
 
@@ -24,6 +24,7 @@ from fa_dynamo.kernels.decode_kernel import decode_attention, decode_kernel_serv
 from fa_dynamo.kernels.exactness import aten_lse
 from fa_dynamo.kernels.mask import TileKind
 from fa_dynamo.kernels.params import AttentionParams
+from fa_dynamo.kernels.reference import keys_of
 from fa_dynamo.kernels.split_keys import key_splits, split_key_attention
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -90,10 +91,10 @@ def _packed_mask(bias, mask, params: AttentionParams, q, kv_heads: int, k0: int,
     num_q, group = q.shape[2], q.shape[1] // kv_heads
     additive = None
     if bias is not None:
-        additive = _pack_rows(bias[..., k0:k1] if bias.shape[-1] != 1 else bias, kv_heads, group, num_q).to(q.dtype)
+        additive = _pack_rows(keys_of(bias, k0, k1), kv_heads, group, num_q).to(q.dtype)
     hidden = None
     if mask is not None:
-        hidden = _pack_rows(mask[..., k0:k1] if mask.shape[-1] != 1 else mask, kv_heads, group, num_q)
+        hidden = _pack_rows(keys_of(mask, k0, k1), kv_heads, group, num_q)
     if params.band.classify(0, num_q, k0, k1) is not TileKind.FULL:
         positions = torch.arange(num_q).repeat(group)  # packed row g·Sq + i is query i
         band_hidden = params.band.hidden(positions, torch.arange(k0, k1))[None, None]

@@ -46,6 +46,13 @@ def rows_of(t: Optional[torch.Tensor], q_idx: torch.Tensor) -> Optional[torch.Te
     return t.index_select(-2, q_idx)
 
 
+def keys_of(t: Optional[torch.Tensor], k0: int, k1: int) -> Optional[torch.Tensor]:
+    """Keys ``[k0, k1)`` of a ``[.., Sk or 1]`` bias/mask (a view), keeping broadcasts."""
+    if t is None or t.shape[-1] == 1:
+        return t
+    return t[..., k0:k1]
+
+
 def masked_scores(
     q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, bias: Optional[torch.Tensor],
     mask: Optional[torch.Tensor], params: AttentionParams, k_start: int = 0,

@@ -10,7 +10,8 @@ indices. A dense bias or boolean mask is read tile by tile (never copied or expa
 ids (packed sequences, chunked attention) are loaded per tile and compared; an ALiBi bias is
 computed from the head's slope and the tile's indices. GQA maps
 query head ``h`` to key/value head ``h // G``; for short query chunks (decode) the G heads of a
-group are packed into one program's rows and the keys split across programs (``_forward``). Head dims are padded to the next power of two with
+group are packed into one program's rows and the keys split across programs (``_forward``).
+Head dims are padded to the next power of two with
 masked loads; q·kᵀ and p·v accumulate in float32.
 
 Rows the kernel cannot serve exactly (no visible key: NaN in eager; a finite fill value that is
@@ -18,7 +19,8 @@ not negligible: a uniform average) are detected from the LSE and recomputed by t
 exactly as the CPU kernel does (``exactness.recompute_unserved_rows``). NaN: a packed (decode)
 call screens only the keys it cut (its programs read every other key, and a NaN score or value
 makes the row NaN or its lse -inf); other calls screen every input whole (tiles they skip are not
-tracked). That NaN analysis is tested in the interpreter; no GPU has run it yet. The backward kernels, which
+tracked). That NaN analysis is tested in the interpreter; no GPU has run it yet. The backward
+kernels, which
 share this module's device helpers and launcher, are in ``backward.py``.
 
 With ``TRITON_INTERPRET=1`` set before this module is imported, the same kernels run on CPU
@@ -57,7 +59,7 @@ from fa_dynamo.kernels.cpu import attention_cpu
 from fa_dynamo.kernels.exactness import ALL_KEYS, recompute_unserved_rows
 from fa_dynamo.kernels.gqa_packing import PACK_MAX_ROWS, packs, visible_keys
 from fa_dynamo.kernels.params import AttentionParams
-from fa_dynamo.kernels.reference import reference_attention
+from fa_dynamo.kernels.reference import keys_of, reference_attention
 from fa_dynamo.kernels.segments import Segments
 from fa_dynamo.kernels.split_keys import key_splits, merge_chunks
 
@@ -481,7 +483,8 @@ def _key_splits(problems: int, rows: int, num_k: int, device: torch.device) -> t
     each split a multiple of ``SPLIT_ALIGN`` keys."""
     if rows > PACK_MAX_ROWS:
         return 1, 0
-    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else torch.get_num_threads()
+    on_gpu = device.type == "cuda"
+    units = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else torch.get_num_threads()
     splits = key_splits(problems, num_k, units)
     if splits == 1:
         return 1, 0
@@ -504,8 +507,8 @@ def _visible_slice(q, k, v, bias, mask, params: AttentionParams):
     if k1 <= k0:
         return inputs, ALL_KEYS, ()
     if (k0, k1) != (0, num_k):
-        keys = lambda t: t if t is None or t.shape[-1] == 1 else t[..., k0:k1]  # noqa: E731
-        inputs = (q, k[:, :, k0:k1], v[:, :, k0:k1], keys(bias), keys(mask), params.replace(band=params.band.shifted(k0)))
+        inputs = (q, k[:, :, k0:k1], v[:, :, k0:k1], keys_of(bias, k0, k1), keys_of(mask, k0, k1),
+                  params.replace(band=params.band.shifted(k0)))
     return inputs, [(0, k0), (k1, num_k)], [(m0, k0), (k1, m1)]
 
 

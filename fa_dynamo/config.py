@@ -21,6 +21,9 @@ INNER_COMPILERS = ("inductor", "eager")
 OFFLOAD_MODES = ("off", "auto", "on")
 OFFLOAD_STRATEGIES = ("auto", "host", "stream")
 LOG_LEVELS = ("warning", "info", "debug")
+PROCESS_VARIABLES = {"FA_DYNAMO_CPP_DECODE": ("1", "0")}
+"""Variables a kernel reads once per process at its first use, not per compile (so they are not
+config fields): known and validated here, read where they are used."""
 
 
 @dataclass(frozen=True)
@@ -122,13 +125,17 @@ def resolve_config(
         env_name = ENV_PREFIX + name.upper()
         if env_name in environ:
             values[name] = _parse(name, environ[env_name], kind)
+    for env_name, valid in PROCESS_VARIABLES.items():
+        if environ.get(env_name, valid[0]) not in valid:
+            raise ValueError(f"{env_name} = {environ[env_name]!r} is not valid; expected one of {', '.join(valid)}")
     unknown_env = sorted(
         k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in _FIELD_TYPES
+        and k not in PROCESS_VARIABLES
     )
     if unknown_env:
         raise ValueError(
             f"unknown environment variable(s) {', '.join(unknown_env)}; "
-            f"known: {', '.join(ENV_PREFIX + n.upper() for n in _FIELD_TYPES)}"
+            f"known: {', '.join([ENV_PREFIX + n.upper() for n in _FIELD_TYPES] + list(PROCESS_VARIABLES))}"
         )
     for key, raw in (options or {}).items():
         name = key.lower().removeprefix(ENV_PREFIX.lower())

@@ -38,11 +38,17 @@ def test_cache_key_tracks_every_field():
         ({"FA_DYNAMO_BLOCK_Q": "0"}, "FA_DYNAMO_BLOCK_Q.*>= 1"),
         ({"FA_DYNAMO_BLOCK_K": "big"}, "FA_DYNAMO_BLOCK_K.*integer"),
         ({"FA_DYNAMO_KERNL": "cpu"}, "unknown environment variable.*FA_DYNAMO_KERNL"),
+        ({"FA_DYNAMO_CPP_DECODE": "no"}, "FA_DYNAMO_CPP_DECODE.*1, 0"),
     ],
 )
 def test_invalid_values_name_the_variable(env, message):
     with pytest.raises(ValueError, match=message):
         resolve_config({}, environ=env)
+
+
+def test_process_variables_are_known():
+    """``FA_DYNAMO_CPP_DECODE`` is read by the decode kernel, not the config; a compile must accept it."""
+    assert resolve_config({}, environ={"FA_DYNAMO_CPP_DECODE": "0"}) == FastAttentionConfig()
 
 
 def test_unknown_option():

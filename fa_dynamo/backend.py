@@ -24,9 +24,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from fa_dynamo import kernels as _kernels  # noqa: F401  (registers fa_dynamo::attention)
 from fa_dynamo.config import FastAttentionConfig, resolve_config
 from fa_dynamo.logs import configure_logging
+from fa_dynamo.loss_split import compile_split, loss_nodes
 from fa_dynamo.normalize import has_tensor_subclass, to_pre_dispatch_aten, undo_matmul_decomposition
 from fa_dynamo.passes.base import PassReport
 from fa_dynamo.passes.manager import run_passes
+from fa_dynamo.passes.matching import describe
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class FastAttentionBackend:
         self.keep_graphs = keep_graphs
         self.reports: list[list[PassReport]] = []
         self.graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = []
+        self.loss_cuts: list[tuple[str, ...]] = []  # per graph compiled in two parts: the outputs cut at
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         config = self.config
@@ -70,9 +73,14 @@ class FastAttentionBackend:
                 raise
             log.warning("could not normalize the graph (%s: %s); compiling it unfused", type(e).__name__, e)
             return inner_compile(gm, example_inputs, config)
-        if not self._rewrite(aten_gm):
-            return inner_compile(gm, example_inputs, config)
-        return inner_compile(aten_gm, example_inputs, config)
+        rewritten = self._rewrite(aten_gm)
+        loss, cut_at = loss_nodes(aten_gm, example_inputs) if config.split_loss else (set(), [])
+        if loss:
+            self.loss_cuts.append(tuple(describe(n) for n in cut_at))
+            log.info("compiling the loss apart from %s (no zero gradient for %s)",
+                     ", ".join(describe(n) for n in cut_at), "it" if len(cut_at) == 1 else "them")
+            return compile_split(aten_gm, example_inputs, loss, lambda part, inputs: inner_compile(part, inputs, config))
+        return inner_compile(aten_gm if rewritten else gm, example_inputs, config)
 
     def _rewrite(self, gm: fx.GraphModule) -> bool:
         """Run the passes on ``gm`` in place, keep their reports; True if any site was rewritten."""

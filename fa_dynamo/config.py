@@ -38,6 +38,9 @@ class FastAttentionConfig:
     """Run the tiling-AllReduce pass (row-parallel matmul → chunked matmul + per-chunk all_reduce)."""
     offload: str = "off"
     """CPU-offload of K/V kept in host memory: off / auto / on."""
+    split_loss: bool = True
+    """Compile a loss apart from the output it reads (logits → loss), so that output's unused
+    gradient is not materialized as zeros in training (see ``fa_dynamo.loss_split``)."""
     kernel: str = "auto"
     """Attention kernel: auto picks by device; cpu / triton / npu / sdpa / reference / xformers force one."""
     inner: str = "inductor"

@@ -1,0 +1,97 @@
+"""Compile a loss apart from the output it reads, so that output gets no gradient of zeros.
+
+A causal LM called with labels returns its logits *and* the loss computed from them
+(transformers' ``model(ids, labels=ids)``). Compiled as one graph, both are outputs of one
+autograd function, whose backward takes a gradient for each: after ``loss.backward()`` the logits'
+gradient is undefined, so autograd materializes it as zeros and the compiled backward adds them in
+— a [B, S, vocab] tensor (262 MB at 2048 tokens × 32000 in fp32: ~50 ms per step here, fresh pages
+to fault in, fill and read back). Eager PyTorch never builds it.
+
+Cut the graph between such an output and its *loss*: every node computed from the output that
+reads no parameter (no graph input that requires grad). Each part is compiled on its own (as
+Dynamo's DDPOptimizer compiles its buckets, with its ``SubmodCompiler``); the logits are then an
+input of the loss part, and autograd hands the loss's gradient for them straight to the first
+part. Values and gradients are unchanged; Inductor only loses fusion across the cut, where there
+is none to lose (the loss starts from a materialized output).
+
+Model compute downstream of an output (a layer reading the K/V-cache tensors it also returns) is
+not a loss — it reads weights — and is never cut off.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger(__name__)
+
+
+def loss_nodes(gm: fx.GraphModule, example_inputs: list) -> tuple[set[fx.Node], list[fx.Node]]:
+    """``(loss, cut_at)``: the nodes of every loss computed from an output that needs a gradient,
+    and those outputs; empty when there is none (or grad mode is off)."""
+    if not torch.is_grad_enabled():
+        return set(), []
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    parameters = {p for p, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad}
+    needs_grad = _needing_grad(gm, parameters)
+    output = gm.graph.output_node()
+    loss, cut_at = set(), []
+    for out in dict.fromkeys(a for a in pytree.tree_leaves(output.args) if isinstance(a, fx.Node)):
+        if out not in needs_grad or all(user is output for user in out.users):
+            continue
+        below = _computed_from(out, output)
+        if all(_pure(n) and not parameters.intersection(n.all_input_nodes) for n in below):
+            loss |= below
+            cut_at.append(out)
+    return loss, cut_at
+
+
+def compile_split(gm: fx.GraphModule, example_inputs: list, loss: set[fx.Node],
+                  compile_part: Callable[[fx.GraphModule, list], Callable]) -> fx.GraphModule:
+    """``gm`` as two compiled parts, the model and its loss, called in turn by an FX module."""
+    from torch._dynamo.backends.distributed import SubmodCompiler
+    from torch._dynamo.utils import detect_fake_mode
+    from torch.fx.passes.split_module import split_module
+
+    split = split_module(gm, None, lambda node: int(node in loss), keep_original_order=True)
+    fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.fake_tensor.FakeTensorMode()
+    SubmodCompiler(split, compile_part, fake_mode).run(*example_inputs)
+    split.recompile()
+    return split
+
+
+def _needing_grad(gm: fx.GraphModule, parameters: set[fx.Node]) -> set[fx.Node]:
+    """Floating-point values computed from a parameter (an over-approximation of requires_grad:
+    a cut where none was needed costs only a second graph call)."""
+    found = set(parameters)
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if (node.op == "call_function" and isinstance(value, torch.Tensor) and value.is_floating_point()
+                and found.intersection(node.all_input_nodes)):
+            found.add(node)
+    return found
+
+
+def _computed_from(start: fx.Node, output: fx.Node) -> set[fx.Node]:
+    below, stack = set(), [start]
+    while stack:
+        for user in stack.pop().users:
+            if user is not output and user not in below:
+                below.add(user)
+                stack.append(user)
+    return below
+
+
+def _pure(node: fx.Node) -> bool:
+    """An op without side effects: an ATen op whose schema mutates nothing, or a getitem."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and not schema.is_mutable

@@ -26,7 +26,7 @@ import torch
 from fa_dynamo.kernels.backward import row_gradients
 from fa_dynamo.kernels.backward_op import register_backward_op
 from fa_dynamo.kernels.cpu import Problem, aten_serves, key_additive, whole_call
-from fa_dynamo.kernels.exactness import unserved_rows
+from fa_dynamo.kernels.exactness import rows_with_nan, unserved_rows
 from fa_dynamo.kernels.params import AttentionParams
 
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -55,7 +55,7 @@ def _flash_backward(grad_out, q, k, v, bias, mask, out, lse, params: AttentionPa
     q, k, v, grad_full = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     # a row left out for one batch entry or head is left out for all: its dK, dV shares then come
     # from the reference alone, never from both
-    left_out = (unserved_rows(lse, mask, params, num_k) | out.isnan().any(-1)).any(dim=0).any(dim=0)  # [Sq]
+    left_out = (unserved_rows(lse, mask, params, num_k) | rows_with_nan(out)).any(dim=0).any(dim=0)  # [Sq]
     has_left_out = bool(left_out.any())
     grad_out, lse = grad_full, lse.float()  # ATen's backward reads the lse in float32, as its forward returns it
     if has_left_out:

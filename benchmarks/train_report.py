@@ -16,19 +16,29 @@ TARGET_FIRST_CALL_VS_INDUCTOR = 1.5  # at most
 FA_CONFIGS = ("fastattention", "fastattention_eager_attn")
 
 
+def _fresh_first_calls(report: dict, family: str, tokens: int) -> Optional[dict]:
+    """First calls measured each in a fresh child process (the memory runs), when there are."""
+    for m in report["memory"]:
+        if (m["family"], m["tokens"]) == (family, tokens) and all("first_call_s" in c for c in m["configs"].values()):
+            return {name: c["first_call_s"] for name, c in m["configs"].items()}
+    return None
+
+
 def targets(report: dict) -> list[str]:
     lines = []
     for row in report["rows"]:
         if (row["family"], row["tokens"], row["dtype"]) != ("llama", 2048, "fp32"):
             continue
         c = row["configs"]
+        fresh = _fresh_first_calls(report, "llama", 2048)
         for name in FA_CONFIGS:
             speed = c[name]["vs_uncompiled"]
-            first = c[name]["first_call_s"] / c["inductor"]["first_call_s"]
+            first = (fresh[name] / fresh["inductor"] if fresh
+                     else c[name]["first_call_s"] / c["inductor"]["first_call_s"])
             lines.append(
                 f"- {name}: {speed:.2f}× uncompiled (target ≥ {TARGET_VS_UNCOMPILED}×: "
                 f"{'met' if speed >= TARGET_VS_UNCOMPILED else missed_by(speed, TARGET_VS_UNCOMPILED)}); first call "
-                f"{first:.2f}× Inductor's (target ≤ {TARGET_FIRST_CALL_VS_INDUCTOR}×: "
+                f"{first:.2f}× Inductor's{' (each in a fresh process)' if fresh else ''} (target ≤ {TARGET_FIRST_CALL_VS_INDUCTOR}×: "
                 f"{'met' if first <= TARGET_FIRST_CALL_VS_INDUCTOR else 'missed'})")
     return lines or ["- the target's case (Llama, 2048 tokens, fp32) was not in this run"]
 
@@ -58,12 +68,16 @@ def markdown(report: dict) -> str:
             + " | ".join(f"**{c[n]['vs_uncompiled']:.2f}×**" for n in FA_CONFIGS) + " | "
             + " / ".join(f"{c[n]['first_call_s']:.1f}" for n in configs) + " | "
             + " / ".join(f"{c[n]['max_grad_diff_rel']:.1e}" for n in configs[1:]) + " |")
-    out += ["", "## Peak memory of one step", "", "| model | tokens | " + " | ".join(configs) + " |",
-            "|---|---:|" + "---:|" * len(configs)]
+    out += ["", "## Peak memory of one step, and the first call in a fresh process", "",
+            "Each config in its own forked child: one compiling step (its time is the first call, Inductor's "
+            "caches off), then the peak RSS growth of one more step.", "",
+            "| model | tokens | " + " | ".join(configs) + " | first call s (" + " / ".join(configs) + ") |",
+            "|---|---:|" + "---:|" * len(configs) + "---|"]
     for m in report["memory"]:
         cells = [m["configs"][n].get("error") or f"{or_dash(m['configs'][n]['peak_growth_mib'], 0)} MiB"
                  for n in configs]
-        out.append(f"| {m['family']} | {m['tokens']} | " + " | ".join(cells) + " |")
+        firsts = " / ".join(or_dash(m["configs"][n].get("first_call_s"), 1) for n in configs)
+        out.append(f"| {m['family']} | {m['tokens']} | " + " | ".join(cells) + f" | {firsts} |")
     return "\n".join(out) + "\n"
 
 

@@ -14,6 +14,10 @@ fastattention, with the first (compiling) call timed with Inductor's caches off.
   compiled with fastattention; and the eager-attention model compiled with fastattention.
 * **first call**: the compiling call, with Inductor's FX graph and autograd caches off and
   Dynamo reset, so every config compiles from nothing.
+* **pairs**: the target's case measured once more as an A/B, each compiled config beside the
+  uncompiled model alone in a fresh forked child (7 interleaved rounds after 2 warm-ups). With four
+  models in one process the uncompiled model's step was seen to drift (1.5 s alone, up to 2.2 s in
+  the four-way run), so the target verdict reads these pairs.
 * **gradients**: every parameter's gradient compared with the uncompiled model's (max abs diff
   over all parameters, relative to the largest gradient entry).
 * **memory**: peak RSS growth of one step in a forked child (``peak_memory.run_forked``), after
@@ -54,6 +58,7 @@ CONFIGS = {  # name: (attn_implementation, backend)
 class Plan:
     cases: tuple  # (family, tokens, dtype)
     memory: tuple  # (family, tokens)
+    pairs: tuple  # (family, tokens): A/B of each compiled config against the uncompiled model
     sizes: dict
     window: int
     repeats: int
@@ -62,9 +67,9 @@ class Plan:
 SIZES = dict(hidden=512, layers=2, heads=8, kv_heads=2, vocab=32000)
 FULL = Plan(tuple(("llama", n, "fp32") for n in (512, 2048, 8192)) + (("mistral", 2048, "fp32"), ("bert", 2048, "fp32"),
                                                                        ("llama", 512, "bf16")),
-            (("llama", 2048),), SIZES, 1024, 5)
-QUICK = Plan((("llama", 512, "fp32"), ("llama", 2048, "fp32")), (("llama", 2048),), SIZES, 1024, 3)
-SMOKE = Plan((("llama", 64, "fp32"), ("bert", 32, "fp32")), (("llama", 32),),
+            (("llama", 2048),), (("llama", 2048),), SIZES, 1024, 5)
+QUICK = Plan((("llama", 512, "fp32"), ("llama", 2048, "fp32")), (("llama", 2048),), (("llama", 2048),), SIZES, 1024, 3)
+SMOKE = Plan((("llama", 64, "fp32"), ("bert", 32, "fp32")), (("llama", 32),), (("llama", 32),),
              dict(hidden=64, layers=1, heads=4, kv_heads=2, vocab=256), 16, 1)
 
 
@@ -169,6 +174,18 @@ def _peak_child(family: str, tokens: int, config: str, plan: Plan) -> dict:
     return {"peak_growth_mib": maxrss_mib() - before, "step_s": time.perf_counter() - t0, "first_call_s": first_call}
 
 
+def _pair_child(family: str, tokens: int, config: str, plan: Plan) -> dict:
+    """The uncompiled model and one compiled config, alone in this process, timed interleaved."""
+    inputs = batch(family, tokens, plan.sizes["vocab"])
+    attn, backend = CONFIGS[config]
+    fns = {}
+    for name, (a, b) in (("uncompiled", CONFIGS["uncompiled"]), (config, (attn, backend))):
+        model = build(family, a, plan.sizes, plan.window, max(tokens, 512))
+        fns[name] = (lambda f=_compile(model, b), m=model: train_step(f, m, inputs, "fp32"))
+    timings = measure_interleaved(fns, warmup=2, repeats=7)
+    return {name: {"median_s": t.median, "samples_s": t.samples} for name, t in timings.items()}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Llama at 512 and 2K tokens")
@@ -180,11 +197,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     with CpuLoad() as load:
         memory = [{"family": f, "tokens": n, "configs": {c: run_forked(_peak_child, f, n, c, plan) for c in CONFIGS}}
                   for f, n in plan.memory]  # forked before any parallel region
+        pairs = [{"family": f, "tokens": n, "configs": {c: run_forked(_pair_child, f, n, c, plan)
+                                                        for c in CONFIGS if c != "uncompiled"}}
+                 for f, n in plan.pairs]
         rows = [bench_case(f, n, d, plan) for f, n, d in plan.cases]
     report = {"machine": machine_info(), "command": command_line("python -m benchmarks train",
                                                                  sys.argv[1:] if argv is None else argv),
               "sizes": plan.sizes, "window": plan.window, "repeats": plan.repeats, "rows": rows, "memory": memory,
-              "load": load.as_dict()}
+              "pairs": pairs, "load": load.as_dict()}
     write_report(args.out, report, markdown(report))
     plot(report, args.out.with_suffix(".png"))
     print(f"→ {args.out}.md", flush=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_train
+from benchmarks.train_report import FA_CONFIGS as FA
 from benchmarks.train_report import targets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,10 @@ def test_smoke_run_times_every_config_with_the_uncompiled_gradients(tmp_path):
     (memory,) = report["memory"]
     assert set(memory["configs"]) == set(bench_train.CONFIGS)
     assert all("peak_growth_mib" in m and m["first_call_s"] > 0 for m in memory["configs"].values()), memory
+    (pair,) = report["pairs"]
+    assert set(pair["configs"]) == set(bench_train.CONFIGS) - {"uncompiled"}
+    for name, c in pair["configs"].items():
+        assert c["uncompiled"]["median_s"] > 0 and c[name]["median_s"] > 0, (name, c)
 
 
 def _row(vs, first, inductor_first=10.0):
@@ -48,6 +53,14 @@ def test_targets_say_met_or_missed():
     missed = targets({"rows": [_row(0.99, 20.0)], "memory": []})
     assert "missed by 10%" in missed[0] and "(target ≤ 1.5×: missed)" in missed[0]
     assert targets({"rows": [], "memory": []}) == ["- the target's case (Llama, 2048 tokens, fp32) was not in this run"]
+
+
+def test_speed_target_reads_the_ab_pairs():
+    """The four-way run's ratio (1.2) gives way to the A/B children's (1.5 / 1.4 ≈ 1.07)."""
+    pair = {"family": "llama", "tokens": 2048,
+            "configs": {n: {"uncompiled": {"median_s": 1.5}, n: {"median_s": 1.4}} for n in ("inductor", *FA)}}
+    lines = targets({"rows": [_row(1.2, 12.0)], "memory": [], "pairs": [pair]})
+    assert all("1.07× uncompiled (A/B in a fresh process) (target ≥ 1.1×: missed" in line for line in lines), lines
 
 
 def test_first_call_target_reads_the_fresh_process_runs():

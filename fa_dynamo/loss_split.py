@@ -33,8 +33,14 @@ log = logging.getLogger(__name__)
 
 def loss_nodes(gm: fx.GraphModule, example_inputs: list) -> tuple[set[fx.Node], list[fx.Node]]:
     """``(loss, cut_at)``: the nodes of every loss computed from an output that needs a gradient,
-    and those outputs; empty when there is none (or grad mode is off)."""
+    and those outputs; empty when there is none, when grad mode is off, or inside Dynamo's
+    DDPOptimizer (its buckets keep per-part metadata on the one tracing context, which a second
+    split inside a bucket would overwrite)."""
     if not torch.is_grad_enabled():
+        return set(), []
+    context = torch._guards.TracingContext.try_get()
+    if context is not None and getattr(context, "ddp_optimizer_ctx", None) is not None:
+        log.debug("inside DDPOptimizer's split: the loss is compiled with the rest of its bucket")
         return set(), []
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     parameters = {p for p, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad}
@@ -60,7 +66,8 @@ def compile_split(gm: fx.GraphModule, example_inputs: list, loss: set[fx.Node],
 
     split = split_module(gm, None, lambda node: int(node in loss), keep_original_order=True)
     fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.fake_tensor.FakeTensorMode()
-    SubmodCompiler(split, compile_part, fake_mode).run(*example_inputs)
+    with torch._dynamo.utils._disable_saved_tensors_hooks_during_tracing():
+        SubmodCompiler(split, compile_part, fake_mode).run(*example_inputs)
     split.recompile()
     return split
 

@@ -17,15 +17,15 @@ VOCAB, HIDDEN = 97, 24
 class TinyLM(torch.nn.Module):
     """Attention, a vocabulary projection, and the loss on its logits, returned with them."""
 
-    def __init__(self):
+    def __init__(self, vocab=VOCAB, hidden=HIDDEN):
         super().__init__()
-        self.embed = torch.nn.Embedding(VOCAB, HIDDEN)
-        self.qkv = torch.nn.Linear(HIDDEN, 3 * HIDDEN)
-        self.head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
 
     def forward(self, ids, labels):
         h = self.embed(ids)
-        q, k, v = self.qkv(h).unflatten(-1, (3, 2, HIDDEN // 2)).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(h).unflatten(-1, (3, 2, h.shape[-1] // 2)).permute(2, 0, 3, 1, 4)
         h = h + F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
         logits = self.head(h)
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -40,9 +40,9 @@ def _step(fn, model, ids, labels, use_logits=False):
     return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _inputs(length, seed):
+def _inputs(length, seed, vocab=VOCAB):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (2, length), generator=g)
+    ids = torch.randint(0, vocab, (2, length), generator=g)
     labels = ids.masked_fill(torch.rand(ids.shape, generator=g) < 0.2, -100)
     return ids, labels
 

@@ -74,7 +74,7 @@ class FastAttentionBackend:
             log.warning("could not normalize the graph (%s: %s); compiling it unfused", type(e).__name__, e)
             return inner_compile(gm, example_inputs, config)
         rewritten = self._rewrite(aten_gm)
-        loss, cut_at = loss_nodes(aten_gm, example_inputs) if config.split_loss else (set(), [])
+        loss, cut_at = loss_nodes(aten_gm, example_inputs, config.lm_head_loss) if config.split_loss else (set(), [])
         if loss:
             self.loss_cuts.append(tuple(describe(n) for n in cut_at))
             log.info("compiling the loss apart from %s (no zero gradient for %s)",

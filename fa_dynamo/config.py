@@ -41,6 +41,9 @@ class FastAttentionConfig:
     split_loss: bool = True
     """Compile a loss apart from the output it reads (logits → loss), so that output's unused
     gradient is not materialized as zeros in training (see ``fa_dynamo.loss_split``)."""
+    lm_head_loss: bool = True
+    """With split_loss: cross-entropy over a vocabulary projection gets one chunked backward with the
+    projection's, no [tokens, vocab] gradient (see ``fa_dynamo.lm_head_loss``)."""
     kernel: str = "auto"
     """Attention kernel: auto picks by device; cpu / triton / npu / sdpa / reference / xformers force one."""
     inner: str = "inductor"

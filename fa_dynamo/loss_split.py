@@ -28,14 +28,18 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from fa_dynamo import lm_head_loss
+from fa_dynamo.passes.matching import computed_from
+
 log = logging.getLogger(__name__)
 
 
-def loss_nodes(gm: fx.GraphModule, example_inputs: list) -> tuple[set[fx.Node], list[fx.Node]]:
+def loss_nodes(gm: fx.GraphModule, example_inputs: list, fuse_lm_head: bool = True) -> tuple[set[fx.Node], list[fx.Node]]:
     """``(loss, cut_at)``: the nodes of every loss computed from an output that needs a gradient,
     and those outputs; empty when there is none, when grad mode is off, or inside Dynamo's
     DDPOptimizer (its buckets keep per-part metadata on the one tracing context, which a second
-    split inside a bucket would overwrite)."""
+    split inside a bucket would overwrite). With ``fuse_lm_head``, a cross-entropy over a
+    vocabulary projection is rewritten in place first (``fa_dynamo.lm_head_loss``)."""
     if not torch.is_grad_enabled():
         return set(), []
     context = torch._guards.TracingContext.try_get()
@@ -50,10 +54,12 @@ def loss_nodes(gm: fx.GraphModule, example_inputs: list) -> tuple[set[fx.Node], 
     for out in dict.fromkeys(a for a in pytree.tree_leaves(output.args) if isinstance(a, fx.Node)):
         if out not in needs_grad or all(user is output for user in out.users):
             continue
-        below = _computed_from(out, output)
+        below = computed_from(out)
         if all(_pure(n) and not parameters.intersection(n.all_input_nodes) for n in below):
             loss |= below
             cut_at.append(out)
+    if fuse_lm_head and len(cut_at) == 1:
+        loss = lm_head_loss.fuse(gm, cut_at[0], loss, parameters) or loss
     return loss, cut_at
 
 
@@ -64,10 +70,16 @@ def compile_split(gm: fx.GraphModule, example_inputs: list, loss: set[fx.Node],
     from torch._dynamo.utils import detect_fake_mode
     from torch.fx.passes.split_module import split_module
 
+    def compile_or_keep(part: fx.GraphModule, inputs: list) -> Callable:
+        # the fused loss's autograd.Function must stay outside aot_autograd: it runs as it is
+        if any(n.target is lm_head_loss.lm_head_cross_entropy for n in part.graph.nodes):
+            return part
+        return compile_part(part, inputs)
+
     split = split_module(gm, None, lambda node: int(node in loss), keep_original_order=True)
     fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.fake_tensor.FakeTensorMode()
     with torch._dynamo.utils._disable_saved_tensors_hooks_during_tracing():
-        SubmodCompiler(split, compile_part, fake_mode).run(*example_inputs)
+        SubmodCompiler(split, compile_or_keep, fake_mode).run(*example_inputs)
     split.recompile()
     return split
 
@@ -82,16 +94,6 @@ def _needing_grad(gm: fx.GraphModule, parameters: set[fx.Node]) -> set[fx.Node]:
                 and found.intersection(node.all_input_nodes)):
             found.add(node)
     return found
-
-
-def _computed_from(start: fx.Node, output: fx.Node) -> set[fx.Node]:
-    below, stack = set(), [start]
-    while stack:
-        for user in stack.pop().users:
-            if user is not output and user not in below:
-                below.add(user)
-                stack.append(user)
-    return below
 
 
 def _pure(node: fx.Node) -> bool:

@@ -165,6 +165,17 @@ def insert_with_val(before: fx.Node, target, args: tuple, kwargs: Optional[dict]
     return node
 
 
+def computed_from(start: fx.Node) -> set[fx.Node]:
+    """Every node that reads ``start``, directly or through others (the output node excluded)."""
+    found, stack = set(), [start]
+    while stack:
+        for user in stack.pop().users:
+            if user.op != "output" and user not in found:
+                found.add(user)
+                stack.append(user)
+    return found
+
+
 def _nodes_in(arg: Any) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(arg, found.append)

@@ -70,7 +70,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         picked = torch.nonzero(valid).squeeze(1)
         dh = torch.zeros_like(h_rows)
         dw = torch.empty_like(weight)
-        chunk = torch.empty(rows.shape[0], min(CHUNK, vocab), dtype=rows.dtype)
+        chunk = rows.new_empty(rows.shape[0], min(CHUNK, vocab))
         for v0 in range(0, vocab, CHUNK):
             v1 = min(v0 + CHUNK, vocab)
             d = chunk[:, : v1 - v0]

@@ -12,7 +12,7 @@ the rows' log-sum-exp stay in the compiled model; ``LMHeadCrossEntropy`` only ga
 logits, and carries the gradient. It runs outside aot_autograd (the loss part of
 ``fa_dynamo.loss_split``), so when the logits' gradient is unused it is ``None``, not zeros.
 
-Matched: ``cross_entropy_loss(view(linear(h, W)[.float()], [-1, V]), target)`` with no class
+Matched: ``cross_entropy_loss(view(linear(h, W[, b])[.float()], [-1, V]), target)`` with no class
 weights, no label smoothing, ``mean`` or ``sum`` reduction, any ``ignore_index``, all in float32,
 ``W`` a parameter and the logits a graph output (transformers' ``ForCausalLMLoss``, BERT's MLM loss).
 """
@@ -37,12 +37,13 @@ _REDUCTIONS = {1: "mean", 2: "sum"}
 
 
 class LMHeadCrossEntropy(torch.autograd.Function):
-    """``(logits, loss)`` from the projection's input ``h [..., H]``, weight ``W [V, H]``, the
-    logits it produced ``[..., V]`` (outside autograd), their rows' log-sum-exp ``[N]`` and the
-    targets ``[N]``; gradients for ``h`` and ``W`` from the loss's and the logits' gradients."""
+    """``(logits, loss)`` from the projection's input ``h [..., H]``, weight ``W [V, H]`` and bias
+    ``[V]`` (or None), the logits it produced ``[..., V]`` (outside autograd), their rows'
+    log-sum-exp ``[N]`` and the targets ``[N]``; gradients for ``h``, ``W`` and the bias from the
+    loss's and the logits' gradients."""
 
     @staticmethod
-    def forward(ctx, h, weight, logits, lse, target, reduction: str, ignore_index: int):
+    def forward(ctx, h, weight, bias, logits, lse, target, reduction: str, ignore_index: int):
         rows = logits.reshape(-1, logits.shape[-1])
         valid = target != ignore_index
         if not is_fake(target):
@@ -50,14 +51,14 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         picked = rows.gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
         per_row = torch.where(valid, lse - picked, 0.0)
         loss = per_row.sum() / valid.sum() if reduction == "mean" else per_row.sum()
-        ctx.save_for_backward(h, weight, logits, lse, target)
+        ctx.save_for_backward(h, weight, bias, logits, lse, target)
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.set_materialize_grads(False)  # an unused logits gradient arrives as None
         return logits, loss
 
     @staticmethod
     def backward(ctx, grad_logits: Optional[torch.Tensor], grad_loss: Optional[torch.Tensor]):
-        h, weight, logits, lse, target = ctx.saved_tensors
+        h, weight, bias, logits, lse, target = ctx.saved_tensors
         vocab = weight.shape[0]
         h_rows, rows = h.reshape(-1, h.shape[-1]), logits.reshape(-1, vocab)
         g_rows = None if grad_logits is None else grad_logits.reshape(-1, vocab)
@@ -70,6 +71,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         picked = torch.nonzero(valid).squeeze(1)
         dh = torch.zeros_like(h_rows)
         dw = torch.empty_like(weight)
+        db = None if bias is None else torch.empty_like(bias)
         chunk = rows.new_empty(rows.shape[0], min(CHUNK, vocab))
         for v0 in range(0, vocab, CHUNK):
             v1 = min(v0 + CHUNK, vocab)
@@ -81,12 +83,14 @@ class LMHeadCrossEntropy(torch.autograd.Function):
                 d.add_(g_rows[:, v0:v1])
             torch.mm(d.t(), h_rows, out=dw[v0:v1])
             dh.addmm_(d, weight[v0:v1])
-        return dh.view_as(h), dw, None, None, None, None, None
+            if db is not None:
+                torch.sum(d, 0, out=db[v0:v1])
+        return dh.view_as(h), dw, db, None, None, None, None, None
 
 
-def lm_head_cross_entropy(h, weight, logits, lse, target, reduction: str, ignore_index: int):
+def lm_head_cross_entropy(h, weight, bias, logits, lse, target, reduction: str, ignore_index: int):
     """The graph's call of ``LMHeadCrossEntropy`` (a plain function: FX calls it by name)."""
-    return LMHeadCrossEntropy.apply(h, weight, logits, lse, target, reduction, ignore_index)
+    return LMHeadCrossEntropy.apply(h, weight, bias, logits, lse, target, reduction, ignore_index)
 
 
 def _check_targets(target: torch.Tensor, valid: torch.Tensor, vocab: int) -> None:
@@ -105,12 +109,12 @@ def fuse(gm: fx.GraphModule, out: fx.Node, loss: set[fx.Node], parameters: set[f
         log.debug("loss of %s not fused with the vocabulary projection: %s", out.name, found)
         return None
     linear, view, ce, target, reduction, ignore_index = found
-    h, weight = linear.args
-    detached = [insert_with_val(linear, aten.detach.default, (x,)) for x in (h, weight)]
-    linear.args = tuple(detached)  # the projection runs in the compiled model, outside autograd
+    h, weight, bias = (*linear.args, None)[:3]
+    linear.args = tuple(insert_with_val(linear, aten.detach.default, (x,)) if isinstance(x, fx.Node) else x
+                        for x in linear.args)  # the projection runs in the compiled model, outside autograd
     rows = insert_with_val(ce, aten.view.default, (linear, [-1, val(weight).shape[0]]))
     lse = insert_with_val(ce, aten.logsumexp.default, (rows, [-1]))
-    call = insert_with_val(ce, lm_head_cross_entropy, (h, weight, linear, lse, target, reduction, ignore_index))
+    call = insert_with_val(ce, lm_head_cross_entropy, (h, weight, bias, linear, lse, target, reduction, ignore_index))
     logits, value = (insert_with_val(ce, operator.getitem, (call, i)) for i in (0, 1))
     ce.replace_all_uses_with(value)
     gm.graph.output_node().replace_input_with(out, logits)
@@ -129,12 +133,14 @@ def _match(out: fx.Node, loss: set[fx.Node], parameters: set[fx.Node]):
         linear = out.args[0]
         if set(linear.users) != {out}:
             return "the projection's output is read by more than its float32 cast"
-    if linear.target is not aten.linear.default or len(linear.args) != 2:
-        return "the output is not a bias-free linear (or its float32 cast)"
-    h, weight = linear.args
+    if linear.target is not aten.linear.default or linear.kwargs:
+        return "the output is not a linear (or its float32 cast)"
+    h, weight, bias = (*linear.args, None)[:3]
     if weight.op != "placeholder" or weight not in parameters:
         return "the projection's weight is not a parameter"
-    if any(val(n) is None or val(n).dtype != torch.float32 for n in (h, weight, linear, out)):
+    if bias is not None and (not isinstance(bias, fx.Node) or val(bias) is None or val(bias).dim() != 1):
+        return "the projection's bias is not a [vocab] tensor"
+    if any(val(n) is None or val(n).dtype != torch.float32 for n in (h, weight, linear, out, *([] if bias is None else [bias]))):
         return "not float32 throughout (autocast or a low-precision model)"
     views = [n for n in out.users if n in loss]
     if len(views) != 1 or views[0].target not in (aten.view.default, aten.reshape.default) or len(views[0].users) != 1:

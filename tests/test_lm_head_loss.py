@@ -19,11 +19,11 @@ VOCAB, HIDDEN = 4099 + 5000, 48  # more than two backward chunks, the last one p
 class Projected(torch.nn.Module):
     """transformers' causal-LM loss shape: ``cross_entropy(logits.float().view(-1, V), labels)``."""
 
-    def __init__(self, tied=False, **loss_kwargs):
+    def __init__(self, tied=False, bias=False, **loss_kwargs):
         super().__init__()
         self.embed = torch.nn.Embedding(VOCAB, HIDDEN)
         self.mix = torch.nn.Linear(HIDDEN, HIDDEN)
-        self.head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+        self.head = torch.nn.Linear(HIDDEN, VOCAB, bias=bias)
         if tied:
             self.head.weight = self.embed.weight
         self.loss_kwargs = loss_kwargs
@@ -70,11 +70,11 @@ def fused_calls(monkeypatch):
 
 @pytest.mark.parametrize("use_logits", [False, True])
 @pytest.mark.parametrize("loss_kwargs", [{}, {"reduction": "sum", "ignore_index": 7}])
-@pytest.mark.parametrize("tied", [False, True])
-def test_gradients_equal_eager(use_logits, loss_kwargs, tied, fused_calls):
+@pytest.mark.parametrize("tied, bias", [(False, False), (True, False), (True, True)])  # BERT: tied, with a bias
+def test_gradients_equal_eager(use_logits, loss_kwargs, tied, bias, fused_calls):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = Projected(tied, **loss_kwargs)
+    model = Projected(tied, bias, **loss_kwargs)
     ids = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(1))
     labels = _labels((2, 33), 2, ignore_index=loss_kwargs.get("ignore_index", -100))
     want = _run(model, model, ids, labels, use_logits)

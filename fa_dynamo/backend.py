@@ -74,13 +74,34 @@ class FastAttentionBackend:
             log.warning("could not normalize the graph (%s: %s); compiling it unfused", type(e).__name__, e)
             return inner_compile(gm, example_inputs, config)
         rewritten = self._rewrite(aten_gm)
-        loss, cut_at = loss_nodes(aten_gm, example_inputs, config.lm_head_loss) if config.split_loss else (set(), [])
-        if loss:
-            self.loss_cuts.append(tuple(describe(n) for n in cut_at))
-            log.info("compiling the loss apart from %s (no zero gradient for %s)",
-                     ", ".join(describe(n) for n in cut_at), "it" if len(cut_at) == 1 else "them")
-            return compile_split(aten_gm, example_inputs, loss, lambda part, inputs: inner_compile(part, inputs, config))
+        if config.split_loss:
+            split = self._split_loss(aten_gm, example_inputs)
+            if split is not None:
+                return split
         return inner_compile(aten_gm if rewritten else gm, example_inputs, config)
+
+    def _split_loss(self, gm: fx.GraphModule, example_inputs: list) -> Optional[Callable]:
+        """``gm`` compiled as model + loss (``fa_dynamo.loss_split``), or None: no loss to cut, or
+        the split failed (then ``gm`` is as it was, and the log says why; strict mode raises)."""
+        config, snapshot = self.config, _copy(gm)
+        try:
+            loss, cut_at = loss_nodes(gm, example_inputs, config.lm_head_loss)
+            if not loss:
+                return None
+            compiled = compile_split(gm, example_inputs, loss, lambda part, inputs: inner_compile(part, inputs, config))
+        except torch._dynamo.exc.RestartAnalysis:  # Dynamo's own control flow (it retraces the frame)
+            raise
+        except Exception as e:
+            if config.strict:
+                raise
+            log.warning("could not compile the loss apart (%s: %s); compiling the graph whole", type(e).__name__, e)
+            gm.graph = snapshot.graph
+            gm.recompile()
+            return None
+        self.loss_cuts.append(tuple(describe(n) for n in cut_at))
+        log.info("compiling the loss apart from %s (no zero gradient for %s)",
+                 ", ".join(describe(n) for n in cut_at), "it" if len(cut_at) == 1 else "them")
+        return compiled
 
     def _rewrite(self, gm: fx.GraphModule) -> bool:
         """Run the passes on ``gm`` in place, keep their reports; True if any site was rewritten."""

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import is_fake
+from torch.autograd.function import once_differentiable
 
 from fa_dynamo.passes.matching import aten, computed_from, describe, insert_with_val, op_arguments, val
 
@@ -46,7 +47,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, bias, logits, lse, target, reduction: str, ignore_index: int):
         rows = logits.reshape(-1, logits.shape[-1])
         valid = target != ignore_index
-        if not is_fake(target):
+        if target.device.type == "cpu" and not is_fake(target):  # elsewhere the gather asserts, as eager's kernel does
             _check_targets(target, valid, rows.shape[-1])
         picked = rows.gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
         per_row = torch.where(valid, lse - picked, 0.0)
@@ -54,9 +55,12 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, logits, lse, target)
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.set_materialize_grads(False)  # an unused logits gradient arrives as None
-        return logits, loss
+        # a detached alias, not the input itself (autograd would make that a view, which may not be
+        # written in place); writing it in place before backward fails autograd's saved-tensor check
+        return logits.detach(), loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logits: Optional[torch.Tensor], grad_loss: Optional[torch.Tensor]):
         h, weight, bias, logits, lse, target = ctx.saved_tensors
         vocab = weight.shape[0]
@@ -68,24 +72,27 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         else:
             per = grad_loss / valid.sum() if ctx.reduction == "mean" else grad_loss
             scale = torch.where(valid, per, 0.0)  # ignored rows get no gradient, even when none is valid
-        picked = torch.nonzero(valid).squeeze(1)
-        dh = torch.zeros_like(h_rows)
-        dw = torch.empty_like(weight)
-        db = None if bias is None else torch.empty_like(bias)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh = torch.zeros_like(h_rows) if need_h else None
+        dw = torch.empty_like(weight) if need_w else None
+        db = torch.empty_like(bias) if need_b else None
         chunk = rows.new_empty(rows.shape[0], min(CHUNK, vocab))
         for v0 in range(0, vocab, CHUNK):
             v1 = min(v0 + CHUNK, vocab)
             d = chunk[:, : v1 - v0]
             torch.sub(rows[:, v0:v1], lse.unsqueeze(1), out=d).exp_().mul_(scale.unsqueeze(1))  # softmax · g
-            hit = picked[(target[picked] >= v0) & (target[picked] < v1)]
-            d.index_put_((hit, target[hit] - v0), -scale[hit], accumulate=True)  # − onehot · g
+            local = target - v0  # − onehot · g, without a host sync: rows whose target lies elsewhere add 0
+            inside = valid & (local >= 0) & (local < v1 - v0)
+            d.scatter_add_(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1), torch.where(inside, -scale, 0.0).unsqueeze(1))
             if g_rows is not None:
                 d.add_(g_rows[:, v0:v1])
-            torch.mm(d.t(), h_rows, out=dw[v0:v1])
-            dh.addmm_(d, weight[v0:v1])
+            if dw is not None:
+                torch.mm(d.t(), h_rows, out=dw[v0:v1])
+            if dh is not None:
+                dh.addmm_(d, weight[v0:v1])
             if db is not None:
                 torch.sum(d, 0, out=db[v0:v1])
-        return dh.view_as(h), dw, db, None, None, None, None, None
+        return None if dh is None else dh.view_as(h), dw, db, None, None, None, None, None
 
 
 def lm_head_cross_entropy(h, weight, bias, logits, lse, target, reduction: str, ignore_index: int):
@@ -151,12 +158,16 @@ def _match(out: fx.Node, loss: set[fx.Node], parameters: set[fx.Node]):
         return "the loss is not cross_entropy over the logits"
     if val(view).dim() != 2 or val(view).shape[-1] != val(weight).shape[0]:
         return "the logits are not viewed as [rows, vocab]"
+    if not isinstance(val(weight).shape[0], int):
+        return "the vocabulary size is symbolic"
     args = op_arguments(ce)
     if args["weight"] is not None or args["label_smoothing"] != 0.0 or args["reduction"] not in _REDUCTIONS:
         return "cross_entropy with class weights, label smoothing or no reduction"
+    if not isinstance(args["ignore_index"], int):
+        return "ignore_index is not a constant"
     target = args["target"]
     if not isinstance(target, fx.Node) or target in loss or val(target).dim() != 1:
         return "the targets are not class indices computed apart from the logits"
     if loss - {view, ce} - computed_from(ce):
         return "the loss reads the logits elsewhere too"
-    return linear, view, ce, target, _REDUCTIONS[args["reduction"]], int(args["ignore_index"])
+    return linear, view, ce, target, _REDUCTIONS[args["reduction"]], args["ignore_index"]

@@ -14,6 +14,10 @@ input of the loss part, and autograd hands the loss's gradient for them straight
 part. Values and gradients are unchanged; Inductor only loses fusion across the cut, where there
 is none to lose (the loss starts from a materialized output).
 
+The loss part runs after the whole model part, so the cut is refused where that order could
+matter: a write, an autocast or grad-mode switch in the model after the loss's first node, or a
+random op in the loss.
+
 Model compute downstream of an output (a layer reading the K/V-cache tensors it also returns) is
 not a loss — it reads weights — and is never cut off.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -55,9 +59,12 @@ def loss_nodes(gm: fx.GraphModule, example_inputs: list, fuse_lm_head: bool = Tr
         if out not in needs_grad or all(user is output for user in out.users):
             continue
         below = computed_from(out)
-        if all(_pure(n) and not parameters.intersection(n.all_input_nodes) for n in below):
+        if all(_pure(n) and not _random(n) and not parameters.intersection(n.all_input_nodes) for n in below):
             loss |= below
             cut_at.append(out)
+    if loss and (late := _stateful_after(gm, loss)):
+        log.debug("loss not compiled apart: %s runs after it and would move before it", late.name)
+        return set(), []
     if fuse_lm_head and len(cut_at) == 1:
         loss = lm_head_loss.fuse(gm, cut_at[0], loss, parameters) or loss
     return loss, cut_at
@@ -85,8 +92,8 @@ def compile_split(gm: fx.GraphModule, example_inputs: list, loss: set[fx.Node],
 
 
 def _needing_grad(gm: fx.GraphModule, parameters: set[fx.Node]) -> set[fx.Node]:
-    """Floating-point values computed from a parameter (an over-approximation of requires_grad:
-    a cut where none was needed costs only a second graph call)."""
+    """Floating-point tensors computed from a parameter: what requires grad, except through ops
+    returning tuples (``split``, ``max.dim``), where the search stops (a cut is missed, never wrong)."""
     found = set(parameters)
     for node in gm.graph.nodes:
         value = node.meta.get("val")
@@ -94,6 +101,23 @@ def _needing_grad(gm: fx.GraphModule, parameters: set[fx.Node]) -> set[fx.Node]:
                 and found.intersection(node.all_input_nodes)):
             found.add(node)
     return found
+
+
+def _stateful_after(gm: fx.GraphModule, loss: set[fx.Node]) -> Optional[fx.Node]:
+    """A model node after the loss's first node that is not pure (a write the loss might read, an
+    autocast or grad-mode switch), or None: the model part runs whole before the loss part, so
+    such a node would move ahead of the loss (``split_module`` also refuses state switches there)."""
+    started = False
+    for node in gm.graph.nodes:
+        started = started or node in loss
+        if started and node not in loss and node.op == "call_function" and not _pure(node):
+            return node
+    return None
+
+
+def _random(node: fx.Node) -> bool:
+    """An op drawing random numbers: moved to the other part, it would change the order of the draws."""
+    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
 
 
 def _pure(node: fx.Node) -> bool:

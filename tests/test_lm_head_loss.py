@@ -136,3 +136,15 @@ def test_losses_it_does_not_serve_keep_the_plain_split(case, fused_calls, caplog
     torch.testing.assert_close(got[2], want[2], **({"rtol": 2e-2, "atol": 2e-2} if case == "autocast" else {}))
     assert fused_calls == [] and len(backend.loss_cuts) == 1
     assert any("not fused with the vocabulary projection" in r.getMessage() for r in caplog.records)
+
+
+def test_writing_the_logits_before_backward_is_an_autograd_error(fused_calls):
+    """Eager saves log_softmax's output and allows it; the fused loss saves the logits themselves,
+    so autograd's saved-tensor check stops the backward (a clear error, never a wrong gradient)."""
+    torch._dynamo.reset()
+    model = Projected()
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(10))
+    logits, loss = torch.compile(model, backend=FastAttentionBackend({"strict": True}))(ids, _labels((1, 7), 11))
+    logits.div_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -24,22 +24,27 @@ def _fresh_first_calls(report: dict, family: str, tokens: int) -> Optional[dict]
     return None
 
 
+def _ab_ratio(child: dict, name: str) -> float:
+    """One A/B child's speed-up: the uncompiled model's median over the config's."""
+    return child["uncompiled"]["median_s"] / child[name]["median_s"]
+
+
 def pair_ratios(report: dict, family: str, tokens: int) -> Optional[dict]:
     """``{config: uncompiled median / config median}`` from the A/B children, when there are."""
     for pair in report.get("pairs", []):
         if (pair["family"], pair["tokens"]) == (family, tokens) and not any("error" in c for c in pair["configs"].values()):
-            return {name: c["uncompiled"]["median_s"] / c[name]["median_s"] for name, c in pair["configs"].items()}
+            return {name: _ab_ratio(c, name) for name, c in pair["configs"].items()}
     return None
 
 
 def targets(report: dict) -> list[str]:
     lines = []
+    fresh = _fresh_first_calls(report, "llama", 2048)
+    pairs = pair_ratios(report, "llama", 2048)
     for row in report["rows"]:
         if (row["family"], row["tokens"], row["dtype"]) != ("llama", 2048, "fp32"):
             continue
         c = row["configs"]
-        fresh = _fresh_first_calls(report, "llama", 2048)
-        pairs = pair_ratios(report, "llama", 2048)
         for name in FA_CONFIGS:
             speed = pairs[name] if pairs else c[name]["vs_uncompiled"]
             first = (fresh[name] / fresh["inductor"] if fresh
@@ -85,7 +90,7 @@ def markdown(report: dict) -> str:
         for name, c in pair["configs"].items():
             out.append(f"| {name} | " + (f"{c['error']} | | |" if "error" in c else
                        f"{c['uncompiled']['median_s']:.3f} | {c[name]['median_s']:.3f} | "
-                       f"**{c['uncompiled']['median_s'] / c[name]['median_s']:.2f}×** |"))
+                       f"**{_ab_ratio(c, name):.2f}×** |"))
     out += ["", "## Peak memory of one step, and the first call in a fresh process", "",
             "Each config in its own forked child: one compiling step (its time is the first call, Inductor's "
             "caches off), then the peak RSS growth of one more step.", "",

@@ -98,9 +98,10 @@ class FastAttentionBackend:
             gm.graph = snapshot.graph
             gm.recompile()
             return None
-        self.loss_cuts.append(tuple(describe(n) for n in cut_at))
-        log.info("compiling the loss apart from %s (no zero gradient for %s)",
-                 ", ".join(describe(n) for n in cut_at), "it" if len(cut_at) == 1 else "them")
+        where = tuple(describe(n) for n in cut_at)
+        self.loss_cuts.append(where)
+        log.info("compiling the loss apart from %s (no zero gradient for %s)", ", ".join(where),
+                 "it" if len(where) == 1 else "them")
         return compiled
 
     def _rewrite(self, gm: fx.GraphModule) -> bool:

@@ -147,7 +147,7 @@ def _match(out: fx.Node, loss: set[fx.Node], parameters: set[fx.Node]):
         return "the projection's weight is not a parameter"
     if bias is not None and (not isinstance(bias, fx.Node) or val(bias) is None or val(bias).dim() != 1):
         return "the projection's bias is not a [vocab] tensor"
-    if any(val(n) is None or val(n).dtype != torch.float32 for n in (h, weight, linear, out, *([] if bias is None else [bias]))):
+    if any(val(n) is None or val(n).dtype != torch.float32 for n in (h, weight, linear, out, bias) if n is not None):
         return "not float32 throughout (autocast or a low-precision model)"
     views = [n for n in out.users if n in loss]
     if len(views) != 1 or views[0].target not in (aten.view.default, aten.reshape.default) or len(views[0].users) != 1:
